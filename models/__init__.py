@@ -1,0 +1,25 @@
+"""tokserve model library: tokenizers, generators, samplers, named configurations, checkpoint I/O.
+
+Pure PyTorch (+ timm, safetensors): nothing here imports the server, training or export packages.
+
+    >>> import models
+    >>> tok = models.create_model("softvq-tiny-64")          # random weights, by name
+    >>> tok = models.load_pretrained("weights/default/tokenizer")   # config.json + safetensors
+"""
+
+from models.hub import CheckpointError, load_pretrained, read_state_dict, save_pretrained
+from models.registry import create_model, get_config, list_models
+
+# Importing a family registers its classes and named configurations.
+from models import softvq as softvq  # noqa: E402,F401  (tokenizers)
+from models import sit as sit  # noqa: E402,F401  (SiT / DiT generators)
+
+__all__ = [
+    "CheckpointError",
+    "create_model",
+    "get_config",
+    "list_models",
+    "load_pretrained",
+    "read_state_dict",
+    "save_pretrained",
+]

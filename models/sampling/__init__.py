@@ -1,0 +1,76 @@
+"""Samplers for the token generators, kept apart from the networks: they take the model as a callable
+``model_fn(x (N, L, C) float32, t (N,) float32, y (N,) int64) -> (N, L, C_out)``.
+
+* SiT (flow matching, t = 1 noise -> 0 data): ``euler``, ``heun`` (ODE) and ``sde`` (Euler-Maruyama,
+  ``linear`` or ``cosine`` path) in :mod:`models.sampling.flow`;
+* DiT (Gaussian diffusion, 1000 training steps, respaced): ``ddpm`` and ``ddim`` in
+  :mod:`models.sampling.diffusion`.
+
+Each exists as an official-recipe function over a whole batch and as a step sampler for the server's
+scheduler (:mod:`models.sampling.base`), with the same numbers.
+
+    >>> sampler = get_sampler("sde", model.config)
+    >>> latents = run_to_completion(sampler, model, [SampleRequest(207, seed=0, steps=50, cfg_scale=1.75)],
+    ...                             (model.config.num_tokens, model.config.token_dim))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.sampling.base import ModelFn, Row, SampleRequest, StepSampler, StepStats, run_to_completion
+from models.sampling.diffusion import DiffusionSampler, create_diffusion, ddim_sampler, ddpm_sampler
+from models.sampling.flow import FlowSampler, euler_maruyama_sampler, euler_sampler, score_from_velocity
+
+FAMILY_SAMPLERS = {"sit": ("euler", "heun", "sde"), "dit": ("ddpm", "ddim")}
+
+
+def _family_and_config(model: Any) -> tuple[str, Any]:
+    if isinstance(model, str):
+        return model.lower(), None
+    cfg = getattr(model, "config", model)
+    family = getattr(cfg, "family", "")
+    if family not in FAMILY_SAMPLERS:
+        raise ValueError(f"cannot tell the generator family of {type(model).__name__}; pass 'sit' or 'dit'")
+    return family, cfg
+
+
+def get_sampler(name: str, model: Any = "sit", **kwargs: Any) -> StepSampler:
+    """The step sampler ``name`` for a generator family.
+
+    ``model`` is ``"sit"`` / ``"dit"``, a generator config (``SiTConfig`` / ``DiTConfig``) or a model with
+    ``.config``; a config supplies the null class (``num_classes``) and, for DiT, the noise schedule.
+    ``kwargs`` go to the sampler: :class:`FlowSampler` takes ``device``, ``null_class``, ``model_dtype``;
+    :class:`DiffusionSampler` takes ``device``, ``null_class``, ``noise_schedule``.
+    """
+    family, cfg = _family_and_config(model)
+    if family not in FAMILY_SAMPLERS:
+        raise ValueError(f"unknown generator family {family!r}; expected one of {sorted(FAMILY_SAMPLERS)}")
+    if name not in FAMILY_SAMPLERS[family]:
+        raise ValueError(f"sampler {name!r} does not fit {family}; choose one of {FAMILY_SAMPLERS[family]}")
+    if cfg is not None:
+        kwargs.setdefault("null_class", cfg.num_classes)
+        if family == "dit":
+            kwargs.setdefault("noise_schedule", cfg.noise_schedule)
+    if family == "sit":
+        return FlowSampler(name, **kwargs)
+    return DiffusionSampler(name, **kwargs)
+
+
+__all__ = [
+    "DiffusionSampler",
+    "FlowSampler",
+    "ModelFn",
+    "Row",
+    "SampleRequest",
+    "StepSampler",
+    "StepStats",
+    "create_diffusion",
+    "ddim_sampler",
+    "ddpm_sampler",
+    "euler_maruyama_sampler",
+    "euler_sampler",
+    "get_sampler",
+    "run_to_completion",
+    "score_from_velocity",
+]

@@ -1,0 +1,67 @@
+"""Classifier-free guidance packing shared by every step sampler.
+
+One model forward evaluates all rows conditionally and, appended after them, an unconditional copy
+(label = null class) of only the rows whose guidance is on. The batch is never duplicated as a whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from models.sampling.base import ModelFn, StepStats
+
+
+def call_model(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``model_fn(x, t, y)``; a ``(out, extra)`` tuple (the official SiT returns one) gives ``out``."""
+    out = model_fn(x, t, y)
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def guidance_active(cfg_scale: float, low: float, high: float, t: float) -> bool:
+    """The official rule: guide when ``cfg_scale > 1`` and ``low <= t <= high`` (t compared in float64)."""
+    return cfg_scale > 1.0 and low <= t <= high
+
+
+@dataclass
+class GuidedOutput:
+    """``cond`` (N, L, C_out) for every row; ``uncond`` (G, L, C_out) for the rows ``index`` (G,)."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    index: torch.Tensor
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Guide ``a`` (N, ...) with unconditional ``b`` (G, ...) on the guided rows:
+        ``b + s * (a - b)``; other rows keep ``a``. ``scale`` (N,) per-row guidance scales."""
+        if self.index.numel() == 0:
+            return a
+        out = a.clone()
+        s = scale[self.index].to(a.dtype).view(-1, *([1] * (a.dim() - 1)))
+        ca = a[self.index]
+        out[self.index] = b + s * (ca - b)
+        return out
+
+
+def guided_forward(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                   guided: Sequence[bool], null_class: int, stats: StepStats | None = None) -> GuidedOutput:
+    """One forward of ``[x; x[guided]]`` with labels ``[y; null]``.
+
+    x (N, L, C) in the model dtype, t (N,) float32, y (N,) int64, ``guided`` N flags. Updates ``stats``.
+    """
+    n = x.shape[0]
+    index = torch.tensor([i for i, g in enumerate(guided) if g], dtype=torch.long, device=x.device)
+    if index.numel():
+        xin = torch.cat([x, x[index]])
+        tin = torch.cat([t, t[index]])
+        yin = torch.cat([y, torch.full((index.numel(),), null_class, dtype=y.dtype, device=y.device)])
+    else:
+        xin, tin, yin = x, t, y
+    out = call_model(model_fn, xin, tin, yin)
+    if stats is not None:
+        stats.forwards += 1
+        stats.model_rows += xin.shape[0]
+        stats.uncond_rows += index.numel()
+    return GuidedOutput(out[:n], out[n:], index)
