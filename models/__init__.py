@@ -13,6 +13,8 @@ from models.registry import create_model, get_config, list_models
 # Importing a family registers its classes and named configurations.
 from models import softvq as softvq  # noqa: E402,F401  (tokenizers)
 from models import sit as sit  # noqa: E402,F401  (SiT / DiT generators)
+from models import mar as mar  # noqa: E402,F401  (MAR generator with its diffusion head)
+from models import kl16 as kl16  # noqa: E402,F401  (the KL-16 VAE of the published MAR)
 
 __all__ = [
     "CheckpointError",

@@ -149,7 +149,8 @@ class TimestepEmbedder(nn.Module):
         f = timestep_frequencies(t, self.frequency_size)
         if self.cast_to_input_dtype:
             f = f.to(t.dtype)
-        return self.mlp(f)
+        # Reduced-precision weights (bf16 / fp16 fast path): run the MLP in its own dtype. A no-op in fp32.
+        return self.mlp(f.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

@@ -147,7 +147,7 @@ def _check_steps(num_steps: int) -> None:
         raise ValueError(f"DiT sampling needs 2 to {NUM_TRAIN_TIMESTEPS} steps, got {num_steps}")
 
 
-def _update(diff: GaussianDiffusion, method: str, x: torch.Tensor, k: torch.Tensor, eps: torch.Tensor,
+def ddpm_update(diff: GaussianDiffusion, method: str, x: torch.Tensor, k: torch.Tensor, eps: torch.Tensor,
             var_values: torch.Tensor, noise: torch.Tensor | None, eta: float = 0.0) -> torch.Tensor:
     """One reverse step from respaced steps k (N,) of x (N, L, C) float32, given the (guided) eps and the
     variance interpolation values (N, L, C). ``noise`` None means "no noise term" (the last step)."""
@@ -201,7 +201,7 @@ def _diffusion_sample(method: str, model_fn: ModelFn, latents: torch.Tensor, y: 
         shape = (2 * n if doubled else n, *x.shape[1:])
         noise = torch.randn(shape, dtype=x.dtype, generator=generator, device=x.device)[:n]
         kk = torch.full((n,), k, dtype=torch.long, device=x.device)
-        x = _update(diff, method, x, kk, eps, var_values, noise, eta)
+        x = ddpm_update(diff, method, x, kk, eps, var_values, noise, eta)
     return x
 
 
@@ -292,7 +292,7 @@ class DiffusionSampler:
             nz = [noise[i] for i in idx]
             n = None if all(v is None for v in nz) else torch.stack(
                 [v if v is not None else torch.zeros_like(x[0]) for v in nz])
-            x_new[idx] = _update(diff, self.name, x[idx], k, eps[idx], var_values[idx], n)
+            x_new[idx] = ddpm_update(diff, self.name, x[idx], k, eps[idx], var_values[idx], n)
         for i, r in enumerate(rows):
             r.x = x_new[i].to(torch.float64)
             r.step += 1
