@@ -16,6 +16,8 @@ concatenated first and then ``pos_embed`` (which covers it) is added. Attention 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -153,7 +155,7 @@ def set_fused_attention(module: nn.Module, fused: bool) -> None:
 def unpatchify(x: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
     """Patch vectors (B, h*w, p*p*C), each ordered (p, q, c) with channel last, -> images (B, C, h*p, w*p)."""
     b, n, _ = x.shape
-    h = w = int(round(n**0.5))
+    h = w = math.isqrt(int(n))  # int(): under tracing n is a tensor
     if h * w != n:
         raise ValueError(f"{n} patches do not form a square grid")
     x = x.reshape(b, h, w, patch_size, patch_size, channels)

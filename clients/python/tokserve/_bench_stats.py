@@ -1,0 +1,128 @@
+"""Per-request records of a load test and their summary (throughput, percentiles, errors)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One measured request.
+
+    ``start`` is when the request was due (open loop: its scheduled arrival, so client lag counts as
+    latency) and ``end`` when its answer was read, both ``time.perf_counter()`` seconds. ``status`` is the
+    HTTP status (200 for success), or ``"connection"`` / ``"timeout"`` (no response), or ``"dropped"`` (open
+    loop: too many requests in flight on the client). Server timings are milliseconds from the headers.
+    """
+
+    op: str
+    start: float
+    end: float
+    status: int | str
+    images: int = 0
+    queue_ms: float | None = None
+    compute_ms: float | None = None
+    total_ms: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    @property
+    def latency_s(self) -> float:
+        return self.end - self.start
+
+
+def distribution(values: Sequence[float]) -> dict[str, float | None]:
+    """``{"p50", "p90", "p99", "max", "mean", "count"}`` of ``values`` (``None`` entries when empty)."""
+    if len(values) == 0:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None, "count": 0}
+    arr = np.asarray(values, dtype=np.float64)
+    out: dict[str, float | None] = {f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}
+    out["max"] = float(arr.max())
+    out["mean"] = float(arr.mean())
+    out["count"] = int(arr.size)
+    return out
+
+
+def summarise(
+    records: Sequence[RequestRecord], *, started: float, label: dict[str, Any] | None = None
+) -> dict:
+    """Summary of one measured phase that began at ``started`` (``perf_counter`` seconds).
+
+    Throughput counts successful requests over the wall time from ``started`` to the last answer; latency
+    percentiles are over successful requests (errors are counted by status instead, so fast rejections do
+    not flatter the percentiles).
+    """
+    ok = [r for r in records if r.ok]
+    end = max((r.end for r in records), default=started)
+    wall = max(end - started, 1e-9)
+    errors = Counter(str(r.status) for r in records if not r.ok)
+    summary: dict[str, Any] = dict(label or {})
+    summary.update(
+        {
+            "requests": len(records),
+            "ok": len(ok),
+            "error_rate": (len(records) - len(ok)) / len(records) if records else 0.0,
+            "errors": dict(sorted(errors.items())),
+            "duration_s": wall,
+            "throughput_rps": len(ok) / wall,
+            "images_per_s": sum(r.images for r in ok) / wall,
+            "latency_ms": distribution([r.latency_s * 1e3 for r in ok]),
+            "queue_ms": distribution([r.queue_ms for r in ok if r.queue_ms is not None]),
+            "compute_ms": distribution([r.compute_ms for r in ok if r.compute_ms is not None]),
+            "server_total_ms": distribution([r.total_ms for r in ok if r.total_ms is not None]),
+            "by_op": {},
+        }
+    )
+    for op in sorted({r.op for r in records}):
+        mine = [r for r in records if r.op == op]
+        mine_ok = [r for r in mine if r.ok]
+        summary["by_op"][op] = {
+            "requests": len(mine),
+            "ok": len(mine_ok),
+            "throughput_rps": len(mine_ok) / wall,
+            "images_per_s": sum(r.images for r in mine_ok) / wall,
+            "latency_ms": distribution([r.latency_s * 1e3 for r in mine_ok]),
+            "queue_ms": distribution([r.queue_ms for r in mine_ok if r.queue_ms is not None]),
+            "compute_ms": distribution([r.compute_ms for r in mine_ok if r.compute_ms is not None]),
+        }
+    summary["latencies_ms"] = sorted(r.latency_s * 1e3 for r in ok)
+    return summary
+
+
+def format_table(summaries: Sequence[dict]) -> str:
+    """A plain-text table of summaries, one line each."""
+    head = (
+        f"{'run':<18}{'req':>6}{'ok':>6}{'req/s':>9}{'img/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+        f"{'max ms':>9}{'queue ms':>10}{'compute':>9}  errors"
+    )
+    lines = [head, "-" * len(head)]
+    for s in summaries:
+        lat, q, c = s["latency_ms"], s["queue_ms"], s["compute_ms"]
+        errs = ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "-"
+        lines.append(
+            f"{_run_name(s):<18}{s['requests']:>6}{s['ok']:>6}{s['throughput_rps']:>9.2f}{s['images_per_s']:>9.2f}"
+            f"{_f(lat['p50'])}{_f(lat['p90'])}{_f(lat['p99'])}{_f(lat['max'])}{_f(q['mean'], 10)}"
+            f"{_f(c['mean'])}  {errs}"
+        )
+    return "\n".join(lines)
+
+
+def _run_name(s: dict) -> str:
+    if s.get("mode") == "closed":
+        return f"closed c={s.get('concurrency')}"
+    if s.get("rate") is not None:
+        return f"open {s['rate']:.3g}/s"
+    return str(s.get("mode", "run"))
+
+
+def _f(value: float | None, width: int = 9) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.1f}"

@@ -1,0 +1,1 @@
+"""The worker side: model specs and runtimes, dynamic batching, step-level generation scheduling, loops."""

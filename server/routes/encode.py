@@ -1,0 +1,94 @@
+"""POST /v1/encode (alias /encode): images -> tokens (B, L, D)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from starlette.datastructures import UploadFile
+
+from server.codecs import IMAGE_MEDIA_TYPES, NPY, SAFETENSORS, decode_base64, images_to_tensor
+from server.deps import OptionsDep, StateDep
+from server.errors import BadRequest, InvalidValue, UnsupportedMediaType
+from server.queue.base import EncodePayload
+from server.routes.common import (
+    BINARY,
+    content_type,
+    read_json,
+    request_body,
+    run_job,
+    schema_ref,
+    tensor_response,
+)
+from server.schemas import ERROR_RESPONSES, EncodeJSONRequest, EncodeResponse, PreprocessMode
+from server.validation import parse_model
+
+router = APIRouter()
+
+OPENAPI = request_body({
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "one or more image files (B = number of files)"},
+        "model": {"type": "string"}, "preprocess": {"type": "string", "enum": ["center-crop", "resize"]},
+    }}},
+    "image/png": BINARY, "image/jpeg": BINARY, "image/webp": BINARY,
+    "application/json": schema_ref("EncodeJSONRequest"),
+})
+RESPONSES = {**ERROR_RESPONSES, 200: {"model": EncodeResponse, "description": "tokens (B, L, D)", "content": {
+    NPY: BINARY, SAFETENSORS: BINARY}}}
+
+
+async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], dict[str, str]]:
+    """The image files of the request, and parameters given in the body (form or JSON fields)."""
+    ctype = content_type(request)
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=max_images + 1, max_fields=16)
+        blobs = []
+        for item in form.getlist("image"):
+            if not isinstance(item, UploadFile):
+                raise BadRequest("multipart field 'image' must be a file upload")
+            blobs.append(await item.read())
+        params = {k: v for k in ("model", "preprocess") if isinstance(v := form.get(k), str)}
+        return blobs, params
+    if ctype in IMAGE_MEDIA_TYPES.values():
+        return [await request.body()], {}
+    if ctype == "application/json":
+        body: EncodeJSONRequest = parse_model(EncodeJSONRequest, await read_json(request))
+        if (body.image is None) == (body.images is None):
+            raise InvalidValue('give exactly one of "image" (base64) or "images" (list of base64)')
+        texts = [body.image] if body.image is not None else list(body.images or [])
+        blobs = [decode_base64(t, f"images[{i}]") for i, t in enumerate(texts)]
+        params = {k: v for k, v in (("model", body.model), ("preprocess", body.preprocess)) if v is not None}
+        return blobs, params
+    raise UnsupportedMediaType(f"content type {ctype or '(none)'!r} is not accepted: send multipart/form-data, "
+                               "image/png, image/jpeg, image/webp or application/json")
+
+
+@router.post("/v1/encode", openapi_extra=OPENAPI, responses=RESPONSES, response_model=EncodeResponse,
+             summary="Images to tokens")
+async def encode(request: Request, state: StateDep, opts: OptionsDep,
+                 model: Annotated[str | None, Query(description="tokenizer name")] = None,
+                 preprocess: Annotated[PreprocessMode | None, Query(description="center-crop or resize")] = None,
+                 ) -> Response:
+    """Tokenize images given as a multipart upload (field ``image``, repeatable), a raw image body, or JSON
+    with base64. ``Accept: application/x-npy`` or ``application/vnd.safetensors`` returns binary tokens."""
+    state.check_ready()
+    s = state.settings
+    blobs, body_params = await _read_images(request, s.max_images_per_request)
+    model = model or body_params.get("model")
+    mode = preprocess or body_params.get("preprocess") or "center-crop"
+    if mode not in ("center-crop", "resize"):
+        raise InvalidValue(f"preprocess must be center-crop or resize, got {mode!r}")
+    if not blobs:
+        raise InvalidValue("no image in the request")
+    if len(blobs) > s.max_images_per_request:
+        raise InvalidValue(f"{len(blobs)} images; at most {s.max_images_per_request} per request")
+    spec = state.models.tokenizer(model)
+    images = await state.codec(images_to_tensor, blobs, spec.image_size, mode, s.max_image_pixels)
+    result = await run_job(request, state, opts, spec.name, EncodePayload(images), (mode, *blobs))
+    return await state.codec(tensor_response, result.tensors["tokens"], request.headers.get("accept"),
+                             {"model": spec.name})
+
+
+router.add_api_route("/encode", encode, methods=["POST"], include_in_schema=False)

@@ -1,0 +1,145 @@
+"""Request and response models of the HTTP API (docs/API.md), shown in the OpenAPI schema.
+
+Binary forms (multipart uploads, raw images, .npy, safetensors) are documented on the routes; the JSON forms
+are these models. Tensors on the wire are :class:`TensorJSON` (flat row-major ``data``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+DecodeFormat = Literal["png", "jpeg", "webp", "npy"]
+PreprocessMode = Literal["center-crop", "resize"]
+
+
+class TensorJSON(BaseModel):
+    """A tensor as JSON: ``data`` holds prod(shape) numbers in row-major order."""
+
+    shape: list[int] = Field(..., examples=[[1, 64, 32]])
+    dtype: str = Field("float32", description="float32 (also float16, bfloat16, float64) or int64 codes")
+    data: list[float] = Field(..., description="flat row-major values")
+
+
+class EncodeJSONRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(None, description="one base64 image (PNG, JPEG or WebP)")
+    images: list[str] | None = Field(None, description="several base64 images (B = len)")
+    model: str | None = Field(None, description="tokenizer name; default: the default tokenizer")
+    preprocess: PreprocessMode | None = Field(None, description="center-crop (ADM, default) or resize")
+
+
+class EncodeResponse(TensorJSON):
+    model: str = Field(..., description="the tokenizer that encoded")
+
+
+class DecodeJSONRequest(TensorJSON):
+    model: str | None = Field(None, description="tokenizer name; default: the default tokenizer")
+    format: DecodeFormat | None = Field(None, description="output: png (default), jpeg, webp or npy")
+
+
+class DecodeImagesResponse(BaseModel):
+    """B > 1 images: base64 files."""
+
+    model: str
+    format: ImageFormat
+    images: list[str]
+
+
+class GenerateParams(BaseModel):
+    """Generation parameters, as query parameters or JSON fields (JSON wins). Unset values come from the
+    generator's config (``GET /v1/models`` ``defaults``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    class_id: int | None = Field(None, validation_alias=AliasChoices("class", "class_id"),
+                                 description="ImageNet-1k class id served by the model (alias class_id)")
+    num_images: int = Field(1, ge=1, description="images to generate; image i uses seed + i")
+    cfg_scale: float | None = Field(None, ge=0.0, le=100.0, description="classifier-free guidance scale")
+    guidance_interval: tuple[float, float] | None = Field(
+        None, description="[low, high]: guidance is applied while low <= t <= high")
+    guidance_low: float | None = Field(None, ge=0.0, le=1.0, description="query form of guidance_interval[0]")
+    guidance_high: float | None = Field(None, ge=0.0, le=1.0, description="query form of guidance_interval[1]")
+    steps: int | None = Field(None, ge=1, description="denoising steps")
+    sampler: str | None = Field(None, description="SiT: euler, heun, sde; DiT: ddpm, ddim")
+    seed: int | None = Field(None, ge=0, le=2**53, description="random when absent; always returned")
+    format: ImageFormat | None = Field(None, description="png (default), jpeg or webp")
+    return_latents: bool = Field(False, description="also return the tokens (B, L, D), un-normalised")
+    model: str | None = Field(None, description="generator name; default: the default generator")
+
+
+class GeneratedImage(BaseModel):
+    seed: int
+    format: ImageFormat
+    data: str = Field(..., description="base64 image file")
+
+
+class GenerateResponse(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    model: str
+    class_id: int = Field(..., serialization_alias="class", validation_alias=AliasChoices("class", "class_id"))
+    seed: int
+    cfg_scale: float
+    guidance_interval: tuple[float, float]
+    steps: int
+    sampler: str
+    images: list[GeneratedImage]
+    latents: TensorJSON | None = Field(None, description="only with return_latents: tokens (B, L, D)")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    kind: Literal["tokenizer", "generator"]
+    family: str
+    image_size: int
+    token_shape: tuple[int, int]
+    token_dtype: str
+    tokenizer: str | None = Field(None, description="generators: the tokenizer that decodes them")
+    classes: list[int] | None = Field(None, description="generators: the class ids served")
+    num_classes: int | None = Field(None, description="generators: the null (unconditional) class id")
+    samplers: list[str] | None = None
+    defaults: dict[str, object]
+    runtime: str
+    random_weights: bool = Field(..., description="true: a registry configuration with random weights")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+    default_tokenizer: str | None
+    default_generator: str | None
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    request_id: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse, "description": why}
+    for code, why in {
+        400: "bad input (undecodable image, malformed body)",
+        401: "API key missing or wrong",
+        404: "unknown model",
+        413: "body or image too large",
+        415: "unsupported content type",
+        422: "invalid values (token shape/dtype, NaN, class out of range, bad parameter)",
+        429: "queue full (Retry-After)",
+        500: "the model failed on this request",
+        503: "not ready or shutting down (Retry-After)",
+        504: "deadline passed",
+    }.items()
+}

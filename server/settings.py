@@ -1,0 +1,109 @@
+"""All server settings, parsed once from environment variables (prefix ``TOKSERVE_``).
+
+    TOKSERVE_MODELS=softvq-tiny-64,sit-tiny-64x32        # registry names (random weights) and/or folders
+    TOKSERVE_MODELS=tok=weights/default/tokenizer,weights/default/generator   # ``name=folder`` names a folder
+    TOKSERVE_DEVICE=cuda TOKSERVE_MAX_BATCH_SIZE=64 TOKSERVE_API_KEYS=key1,key2
+
+List settings (``MODELS``, ``API_KEYS``) are comma-separated. ``REDIS_URL`` (or ``TOKSERVE_REDIS_URL``)
+selects the Redis Streams queue backend; unset means the in-process queue with an embedded worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger("tokserve.settings")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "default"
+# Served with random weights when no trained default exists (tests, first start on a fresh clone).
+FALLBACK_MODELS = ("softvq-tiny-64", "sit-tiny-64x32")
+
+
+def _split(v: object) -> object:
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    return v
+
+
+class Settings(BaseSettings):
+    """The one settings object of a tokserve process (API and/or worker)."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKSERVE_", extra="ignore", validate_default=True)
+
+    # ---- models
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models to load: registry names (random weights) or folders (config.json + safetensors), "
+        "optionally `name=folder`. Empty: the shipped weights/default/{tokenizer,generator}, else tiny random "
+        "configurations.",
+    )
+    default_tokenizer: str | None = Field(None, description="Tokenizer used when a request names none.")
+    default_generator: str | None = Field(None, description="Generator used when a request names none.")
+    device: str = Field("auto", description="`auto` (cuda when available), `cpu`, `cuda`, `cuda:1` ...")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Model compute dtype.")
+    allow_pickle: bool = Field(False, description="Allow loading pickle checkpoints (they can run code).")
+    warmup: bool = Field(True, description="Run every model once before reporting ready.")
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the worker.")
+
+    # ---- batching and queue
+    max_batch_size: int = Field(32, ge=1, description="Rows per model call (1 disables batching).")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long a partial encode/decode batch waits to fill.")
+    queue_capacity: int = Field(256, ge=1, description="Jobs waiting per (operation, model) before 429.")
+    default_deadline_s: float = Field(300.0, gt=0, description="Deadline of a request without x-deadline-ms.")
+    idempotency_ttl_s: float = Field(600.0, ge=0, description="How long results are kept for Idempotency-Key.")
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("TOKSERVE_REDIS_URL", "REDIS_URL"),
+        description="Redis Streams queue backend (separate worker processes); unset: in-process queue.",
+    )
+
+    # ---- limits
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest accepted image (width x height).")
+    max_images_per_request: int = Field(64, ge=1, description="Most images (rows) in one request.")
+    max_steps: int = Field(1000, ge=1, description="Most denoising steps a request may ask for.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Accepted `Authorization: Bearer` keys; empty: no authentication."
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429 and 503.")
+
+    # ---- codecs and process
+    codec_threads: int = Field(2, ge=1, description="Threads decoding/encoding images off the event loop.")
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    webp_quality: int = Field(90, ge=1, le=100)
+    png_compress_level: int = Field(3, ge=0, le=9)
+    shutdown_grace_s: float = Field(30.0, ge=0, description="How long shutdown waits for accepted work.")
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _comma_lists(cls, v: object) -> object:
+        return _split(v)
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        if not self.models:
+            self.models = default_models()
+        return self
+
+    def api_key_values(self) -> list[bytes]:
+        return [k.get_secret_value().encode() for k in self.api_keys]
+
+
+def default_models() -> list[str]:
+    """The shipped trained models when present, else tiny random configurations (with a loud warning)."""
+    tok, gen = DEFAULT_WEIGHTS / "tokenizer", DEFAULT_WEIGHTS / "generator"
+    if (tok / "config.json").exists() and (gen / "config.json").exists():
+        return [str(tok), str(gen)]
+    log.warning(
+        "!!! no trained default models under %s: serving %s with RANDOM WEIGHTS (outputs are noise). "
+        "Set TOKSERVE_MODELS to choose models. !!!",
+        DEFAULT_WEIGHTS,
+        ", ".join(FALLBACK_MODELS),
+    )
+    return list(FALLBACK_MODELS)

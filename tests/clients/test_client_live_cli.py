@@ -1,0 +1,99 @@
+"""The ``tokserve`` command line and a small bounded load test against the real server.
+
+Skipped only when ``import server`` fails (the lead removes the guard once the server has landed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from client_testkit import LIVE_API_KEY, LiveProcess, real_images, server_importable
+from PIL import Image
+
+pytestmark = pytest.mark.skipif(
+    not server_importable(), reason="import server failed: no server to test against"
+)
+
+
+def tokserve(live: LiveProcess, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKSERVE_URL": live.url, "TOKSERVE_API_KEY": LIVE_API_KEY}
+    cmd = [sys.executable, "-m", "tokserve.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_round_trip(live_server: LiveProcess, tmp_path: Path) -> None:
+    out = tokserve(live_server, "models", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["default_tokenizer"] == "softvq-tiny-64"
+    assert tokserve(live_server, "health").returncode == 0
+
+    folder = tmp_path / "imgs"
+    (folder / "nested").mkdir(parents=True)
+    for i, jpeg in enumerate(real_images(3)):
+        (folder / ("nested" if i == 2 else "") / f"val{i}.jpg").write_bytes(jpeg)
+    out = tokserve(live_server, "encode", str(folder), "-o", str(tmp_path / "lat"), "--batch-size", "2")
+    assert out.returncode == 0, out.stderr
+    lat = sorted((tmp_path / "lat").rglob("*.npy"))
+    assert [p.relative_to(tmp_path / "lat").as_posix() for p in lat] == [
+        "nested/val2.npy",
+        "val0.npy",
+        "val1.npy",
+    ]
+    assert all(np.load(p).shape == (64, 32) for p in lat)
+
+    out = tokserve(live_server, "decode", str(tmp_path / "lat"), "-o", str(tmp_path / "dec"))
+    assert out.returncode == 0, out.stderr
+    pngs = sorted((tmp_path / "dec").rglob("*.png"))
+    assert len(pngs) == 3 and all(Image.open(p).size == (64, 64) for p in pngs)
+
+    gen = tmp_path / "gen"
+    out = tokserve(
+        live_server, "generate", "--class", "207", "-n", "2", "--seed", "4", "--steps", "2",
+        "--sampler", "euler", "--save-latents", "-o", str(gen),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in gen.iterdir()) == [
+        "class207_seed4.npy", "class207_seed4.png", "class207_seed5.npy", "class207_seed5.png",
+    ]  # fmt: skip
+    assert np.load(gen / "class207_seed5.npy").shape == (64, 32)
+
+    out = tokserve(live_server, "generate", "--class", "5000", "--steps", "2")
+    assert out.returncode == 1 and "UnprocessableError" in out.stderr
+
+
+def test_bench_small_bounded_run(live_server: LiveProcess, tmp_path: Path) -> None:
+    out = tokserve(
+        live_server, "bench", "--mode", "closed", "-c", "2", "-n", "12", "--warmup", "2",
+        "--mix", "encode:2", "--mix", "decode:2", "--mix", "generate:1:class_id=207,steps=2,sampler=euler",
+        "-o", str(tmp_path), "--name", "ci",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "ci.json").read_text())
+    with Image.open(tmp_path / "ci.png") as im:
+        assert im.format == "PNG"
+    (run,) = report["runs"]
+    assert run["requests"] == 12 and run["ok"] == 12 and run["errors"] == {}
+    assert run["throughput_rps"] > 0 and run["images_per_s"] >= run["throughput_rps"]
+    lat = run["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert run["compute_ms"]["count"] == 12 and run["queue_ms"]["count"] == 12
+    assert report["server_models"] == ["softvq-tiny-64", "sit-tiny-64x32"]
+    assert "p99 ms" in out.stdout and "wrote" in out.stdout
+
+
+def test_bench_open_loop_sweep(live_server: LiveProcess, tmp_path: Path) -> None:
+    out = tokserve(
+        live_server, "bench", "--mode", "sweep", "--sweep-rates", "2,4", "-n", "8", "--warmup", "1",
+        "--mix", "encode", "--mix", "decode", "--p99-target-ms", "10000", "-o", str(tmp_path), "--name", "sweep",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert report["sweep"]["rates"] == [2.0, 4.0] and report["sweep"]["best_rate"] == 4.0
+    assert all(r["ok"] == 8 for r in report["runs"])
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
