@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     allow_pickle: bool = Field(False, description="Allow loading pickle checkpoints (they can run code).")
     warmup: bool = Field(True, description="Run every model once before reporting ready.")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the worker.")
+    runtime: str = Field(
+        "torch",
+        description="Model runtime: `torch` (eager), `torch-compile`, `torchscript` or `onnx` (onnxruntime: CUDA "
+        "provider with onnxruntime-gpu, else CPU); per model: `torch,default-tokenizer=onnx`.",
+    )
+    export_dir: str | None = Field(
+        None, description="Where `torchscript` / `onnx` runtimes write their exports (default: a temp folder)."
+    )
 
     # ---- batching and queue
     max_batch_size: int = Field(32, ge=1, description="Rows per model call (1 disables batching).")

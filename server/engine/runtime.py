@@ -57,11 +57,15 @@ def enliven(module: nn.Module, std: float = 0.1) -> nn.Module:
 
 
 class Runtime:
-    """A model on a device, called without autograd."""
+    """A model on a device, called without autograd. ``backend`` (``torch``, ``torch-compile``,
+    ``torchscript``, ``onnx``) selects what runs the calls; the other backends are exported from ``module``
+    with a parity check (``export.runtime``), so results agree with eager torch within its tolerance."""
 
-    name = "torch-eager"
-
-    def __init__(self, spec: ModelSpec, module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, spec: ModelSpec, module: nn.Module, device: torch.device, dtype: torch.dtype,
+                 backend: str = "torch", export_dir: str | None = None) -> None:
+        self.name = "torch-eager" if backend == "torch" else backend
+        self.backend = backend
+        self.export_dir = None if export_dir is None else f"{export_dir}/{spec.name}-{backend}"
         if device.type == "cpu" and dtype != torch.float32:
             log.warning("%s: %s on CPU is slow or unsupported; using float32", spec.name, dtype)
             dtype = torch.float32
@@ -82,15 +86,24 @@ class Runtime:
 
 
 class TokenizerRuntime(Runtime):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._encode, self._decode = self.module.encode, self.module.decode
+        if self.backend != "torch":
+            from export.runtime import TokenizerRuntime as Exported
+
+            rt = Exported.load(self.backend, self.module, self.device, cache_dir=self.export_dir)
+            self._encode, self._decode = rt.encode, rt.decode
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float32 in [-1, 1] -> (B, L, D) float32 tokens."""
         with torch.inference_mode():
-            return self._out(self.module.encode(self._in(images)))
+            return self._out(self._encode(self._in(images)))
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L, D) float32 tokens -> (B, 3, H, W) float32 images, unclamped."""
         with torch.inference_mode():
-            return self._out(self.module.decode(self._in(tokens)))
+            return self._out(self._decode(self._in(tokens)))
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Generator latents (B, L, D) -> tokens: ``x * vq_std + vq_mean`` (float32)."""
@@ -99,22 +112,35 @@ class TokenizerRuntime(Runtime):
 
 
 class GeneratorRuntime(Runtime):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._forward = self.module
+        if self.backend != "torch":
+            from export.runtime import DenoiserRuntime
+
+            self._forward = DenoiserRuntime.load(self.backend, self.module, self.device,
+                                                 cache_dir=self.export_dir).model_fn
+
     def model_fn(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The sampler's ``ModelFn``: x (N, L, C), t (N,), y (N,) int64 -> (N, L, C_out) float32 on CPU."""
         with torch.inference_mode():
-            return self._out(self.module(self._in(x), self._in(t), y.to(self.device)))
+            return self._out(self._forward(self._in(x), self._in(t), y.to(self.device)))
 
 
 def build_runtimes(specs: list[ModelSpec], settings: Settings) -> dict[str, Runtime]:
     """Load every model (in the calling thread) onto the settings' device."""
     device = resolve_device(settings.device)
     dtype = _DTYPES[settings.dtype]
+    from export.runtime import parse_runtime_setting
+
+    choice = parse_runtime_setting(settings.runtime)
     out: dict[str, Runtime] = {}
     for spec in specs:
         module = load_module(spec, settings)
         cls = TokenizerRuntime if spec.kind == "tokenizer" else GeneratorRuntime
-        out[spec.name] = cls(spec, module, device, dtype)
-        log.info("loaded %s (%s, %s) on %s", spec.name, spec.family, spec.source, device)
+        backend = choice.kind_for(spec.name)
+        out[spec.name] = cls(spec, module, device, dtype, backend=backend, export_dir=settings.export_dir)
+        log.info("loaded %s (%s, %s) on %s with %s", spec.name, spec.family, spec.source, device, backend)
     return out
 
 

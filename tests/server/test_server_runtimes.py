@@ -1,0 +1,71 @@
+"""Issue 5 over HTTP: the same requests served through each runtime (eager torch, TorchScript, ONNX Runtime
+on the CPU) give the same tokens, images and generated latents within the export parity tolerance."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from server_testkit import RunningServer, real_jpegs, start_server
+
+NPY = "application/x-npy"
+
+
+def _npy(r: httpx.Response) -> np.ndarray:
+    assert r.status_code == 200, r.text
+    return np.load(io.BytesIO(r.content))
+
+
+def _calls(url: str, jpeg: bytes) -> dict[str, np.ndarray]:
+    with httpx.Client(base_url=url, timeout=120.0) as c:
+        tokens = _npy(c.post("/v1/encode", content=jpeg, headers={"content-type": "image/jpeg", "accept": NPY}))
+        buf = io.BytesIO()
+        np.save(buf, tokens)
+        images = _npy(c.post("/v1/decode?format=npy", content=buf.getvalue(), headers={"content-type": NPY}))
+        gen = c.post("/v1/generate", json={"class": 207, "seed": 3, "steps": 4, "cfg_scale": 2.0,
+                                           "return_latents": True})
+        assert gen.status_code == 200, gen.text
+        body = gen.json()
+        latents = np.asarray(body["latents"]["data"], dtype=np.float32).reshape(body["latents"]["shape"])
+        runtimes = {m["name"]: m["runtime"] for m in c.get("/v1/models").json()["models"]}
+    return {"tokens": tokens, "images": images, "latents": latents, "runtimes": runtimes}  # type: ignore[dict-item]
+
+
+@pytest.fixture(scope="module")
+def jpeg() -> bytes:
+    return real_jpegs(1)[0][0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, jpeg: bytes) -> dict[str, np.ndarray]:
+    server = start_server(tmp_path_factory.mktemp("rt-torch"))
+    try:
+        return _calls(server.url, jpeg)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["torchscript", "onnx"])
+def runtime_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    tmp = tmp_path_factory.mktemp(f"rt-{request.param}")
+    server = start_server(tmp, {"TOKSERVE_RUNTIME": request.param, "TOKSERVE_EXPORT_DIR": str(tmp / "exports")},
+                          ready_timeout=300.0)
+    server.kind = request.param  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def test_runtime_serves_the_same_results(runtime_server: RunningServer, reference: dict, jpeg: bytes) -> None:
+    got = _calls(runtime_server.url, jpeg)
+    assert set(got["runtimes"].values()) == {runtime_server.kind}  # type: ignore[attr-defined]
+    assert set(reference["runtimes"].values()) == {"torch-eager"}
+    # Export parity is 1e-4 relative per call; generated latents compound it over the sampler's steps.
+    for key, tol in (("tokens", 1e-4), ("images", 1e-4), ("latents", 1e-3)):
+        ref, out = reference[key], got[key]
+        assert out.shape == ref.shape
+        rel = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12))
+        print(f"{runtime_server.kind} {key}: max relative error {rel:.2e}")  # type: ignore[attr-defined]
+        assert rel < tol, f"{key}: relative error {rel:.2e} through {runtime_server.kind}"  # type: ignore[attr-defined]
