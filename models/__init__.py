@@ -15,6 +15,9 @@ from models import softvq as softvq  # noqa: E402,F401  (tokenizers)
 from models import sit as sit  # noqa: E402,F401  (SiT / DiT generators)
 from models import mar as mar  # noqa: E402,F401  (MAR generator with its diffusion head)
 from models import kl16 as kl16  # noqa: E402,F401  (the KL-16 VAE of the published MAR)
+from models import taef2 as taef2  # noqa: E402,F401  (the pretrained TAEF2 autoencoder)
+from models import coda as coda  # noqa: E402,F401  (CODA: discrete tokens on a frozen continuous VAE)
+from models import maskgit as maskgit  # noqa: E402,F401  (MaskGIT generator on discrete codes)
 
 __all__ = [
     "CheckpointError",
