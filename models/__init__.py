@@ -18,6 +18,8 @@ from models import kl16 as kl16  # noqa: E402,F401  (the KL-16 VAE of the publis
 from models import taef2 as taef2  # noqa: E402,F401  (the pretrained TAEF2 autoencoder)
 from models import coda as coda  # noqa: E402,F401  (CODA: discrete tokens on a frozen continuous VAE)
 from models import maskgit as maskgit  # noqa: E402,F401  (MaskGIT generator on discrete codes)
+from models import imagefolder as imagefolder  # noqa: E402,F401  (XQ-GAN SC / ImageFolder tokenizers)
+from models import var as var  # noqa: E402,F401  (VAR next-scale generator)
 
 __all__ = [
     "CheckpointError",

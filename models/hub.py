@@ -45,9 +45,18 @@ class PickleRefused(CheckpointError):
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_state_dict(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike[str], *, allow_pickle: bool = False,
+                    select: str | None = None) -> dict[str, torch.Tensor]:
     """Read the raw tensors of a weights file or folder (safetensors, sharded safetensors or, with
-    ``allow_pickle``, a torch pickle), unwrapped and with training prefixes stripped."""
+    ``allow_pickle``, a torch pickle), unwrapped and with training prefixes stripped. ``select`` is a dotted
+    path into a nested checkpoint holding several models (VAR's ``trainer.var_wo_ddp``)."""
+    if select is not None:
+        obj: Any = _read_raw(Path(path), allow_pickle)
+        for part in select.split("."):
+            if not isinstance(obj, Mapping) or part not in obj:
+                raise CheckpointError(f"{path}: no {select!r} in the checkpoint (stopped at {part!r})")
+            obj = obj[part]
+        return normalize_state_dict(obj)
     p = Path(path)
     if p.is_dir():
         if (p / INDEX_NAME).exists():
@@ -65,18 +74,22 @@ def read_state_dict(path: str | os.PathLike[str], *, allow_pickle: bool = False)
         if len(pk) == 1:
             return read_state_dict(pk[0], allow_pickle=allow_pickle)
         raise CheckpointError(f"{p}: no {WEIGHTS_NAME}, {INDEX_NAME} or single weights file found")
+    return normalize_state_dict(_read_raw(p, allow_pickle))
+
+
+def _read_raw(p: Path, allow_pickle: bool) -> Any:
+    """The object stored in one weights file: safetensors, or (opted in) a torch pickle."""
     if p.suffix == ".safetensors":
-        return normalize_state_dict(load_file(str(p)))
+        return load_file(str(p))
     if not allow_pickle:
         raise PickleRefused(
             f"{p}: pickle checkpoints can run code when loaded and are refused; convert to safetensors or "
             "opt in explicitly (allow_pickle=True / TOKSERVE_ALLOW_PICKLE=1)"
         )
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception:  # e.g. an argparse.Namespace in the dict: the operator opted in to full unpickling
-        obj = torch.load(str(p), map_location="cpu", weights_only=False)
-    return normalize_state_dict(obj)
+        return torch.load(str(p), map_location="cpu", weights_only=False)
 
 
 def normalize_state_dict(obj: Any) -> dict[str, torch.Tensor]:
@@ -161,17 +174,19 @@ def load_pretrained(
     *,
     allow_pickle: bool = False,
     weights: str | os.PathLike[str] | None = None,
+    select: str | None = None,
     strict: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Build the model described by ``path/config.json`` and load its weights (``weights`` overrides the
-    weights file, e.g. a training checkpoint beside a config). Returns the model in eval mode."""
+    weights file, e.g. a training checkpoint beside a config; ``select`` picks one model of a nested
+    checkpoint, e.g. ``trainer.vae_local``). Returns the model in eval mode."""
     folder = Path(path)
     if not (folder / CONFIG_NAME).exists():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME}; the architecture is never guessed from a file name")
     cls, cfg = read_config(folder)
     model = cls(cfg)
-    sd = read_state_dict(weights if weights is not None else folder, allow_pickle=allow_pickle)
+    sd = read_state_dict(weights if weights is not None else folder, allow_pickle=allow_pickle, select=select)
     load_into(model, sd, strict=strict)
     return model.to(dtype).eval()
 

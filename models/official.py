@@ -13,7 +13,7 @@ import torch.nn as nn
 from models.registry import model_class
 
 # Checked in order; the first whose config class recognises the dict wins.
-FAMILIES = ("SoftVQModel", "DiT", "SiT")
+FAMILIES = ("SoftVQModel", "ImageFolderModel", "DiT", "SiT")
 
 
 def config_from_official(d: dict[str, Any]) -> tuple[type[nn.Module], Any]:

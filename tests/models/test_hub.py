@@ -186,3 +186,19 @@ def test_released_folder_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     save_pretrained(loaded, tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["class_name"] == "SoftVQModel"
     _assert_same_weights(loaded, load_pretrained(tmp_path / "ours"))
+
+
+def test_select_one_model_of_a_nested_checkpoint(tmp_path) -> None:
+    """VAR releases hold two models in one file (``trainer.var_wo_ddp`` / ``trainer.vae_local``)."""
+    import torch
+
+    from models.hub import CheckpointError, read_state_dict
+
+    a = {"w": torch.randn(2, 3)}
+    b = {"module.v": torch.randn(4)}
+    path = tmp_path / "ar-ckpt-last.pth"
+    torch.save({"trainer": {"var_wo_ddp": a, "vae_local": b}, "args": {"depth": 17}}, path)
+    assert torch.equal(read_state_dict(path, allow_pickle=True, select="trainer.var_wo_ddp")["w"], a["w"])
+    assert torch.equal(read_state_dict(path, allow_pickle=True, select="trainer.vae_local")["v"], b["module.v"])
+    with pytest.raises(CheckpointError, match="trainer.gpt"):
+        read_state_dict(path, allow_pickle=True, select="trainer.gpt")
