@@ -118,20 +118,11 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def enliven_(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
-    """Make a freshly initialised model depend on its inputs, in place, from ``seed``.
+    """:func:`models.random_init.enliven` from its own generator seeded ``seed``, so benchmark weights are
+    reproducible (and fp32-versus-fast-path errors are not trivially 0)."""
+    from models.random_init import enliven
 
-    adaLN-Zero, zero output layers and the 1e-5 LayerScale leave a random SiT's output exactly 0 and a random
-    tokenizer nearly blind, which would make every fp32-versus-fast-path error 0 and could time matmuls on
-    zeros. Same rule as ``server.engine.runtime.enliven`` (not imported: the server needs pydantic, absent
-    on the GPU machine): every constant floating tensor other than all-ones is redrawn, here from N(0, std^2).
-    """
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.is_floating_point() and p.numel() > 1 and bool((p == p.flatten()[0]).all()) \
-                    and float(p.flatten()[0]) != 1.0:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
+    return enliven(module, std, torch.Generator(device="cpu").manual_seed(seed))
 
 
 def build_model(name: str, device: torch.device, seed: int = 0, **overrides: Any) -> nn.Module:

@@ -90,21 +90,11 @@ def noised_latents(tokens: torch.Tensor, facts: dict[str, Any], tok_facts: dict[
 
 
 def enliven_(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
-    """Redraw, in place and from the global RNG, every constant parameter (all elements equal, more than one
-    element, not all ones) from N(0, std^2).
+    """The server's random weights for a registry name (:func:`models.random_init.enliven`, global RNG), so
+    an export of a name computes what the server serves under it (checked by tests/export)."""
+    from models.random_init import enliven
 
-    Fresh SiT/DiT zero their adaLN modulations and output layer (a fresh generator outputs exactly zero) and
-    SoftVQ's LayerScale starts at 1e-5, so a parity check on fresh random weights would compare nearly
-    constant functions. The rule is the server's ``enliven`` (server/engine/runtime.py), so a registry name
-    gets the same random weights in an export as in the server (checked by tests/export); both belong in
-    models/ once there is a place for it.
-    """
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and p.numel() > 1 and bool((p == p.flatten()[0]).all()) \
-                    and float(p.flatten()[0]) != 1.0:
-                p.normal_(0.0, std)
-    return model
+    return enliven(model, std)
 
 
 def random_weights_model(name: str, seed: int = 0) -> torch.nn.Module:

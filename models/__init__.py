@@ -20,6 +20,7 @@ from models import coda as coda  # noqa: E402,F401  (CODA: discrete tokens on a 
 from models import maskgit as maskgit  # noqa: E402,F401  (MaskGIT generator on discrete codes)
 from models import imagefolder as imagefolder  # noqa: E402,F401  (XQ-GAN SC / ImageFolder tokenizers)
 from models import var as var  # noqa: E402,F401  (VAR next-scale generator)
+from models import xqgan_cnn as xqgan_cnn  # noqa: E402,F401  (XQ-GAN V pipeline / LlamaGen VQ-16)
 
 __all__ = [
     "CheckpointError",
