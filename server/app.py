@@ -5,8 +5,10 @@
 
 Startup: the queue is created and (without REDIS_URL) an embedded worker engine loads and warms up the
 models in its device thread; ``/healthz`` answers at once, ``/readyz`` and the model routes answer 503 until
-the engine is ready. Shutdown: new requests get 503, accepted ones finish (up to ``shutdown_grace_s``), the
-workers stop, and anything left is answered 503.
+the engine is ready. With ``REDIS_URL`` no model is loaded here: standalone workers (``python -m server.worker``)
+serve the queue, and ``/readyz`` waits for a live worker per model. Shutdown: new requests get 503, accepted
+ones finish (up to ``shutdown_grace_s``), the workers stop, and anything left is answered 503 (with Redis,
+jobs stay queued for the workers).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.accepting = True
     state.load_error = None
     state.codec_pool = ThreadPoolExecutor(state.settings.codec_threads, thread_name_prefix="tokserve-codec")
-    state.queue = create_queue(state.settings)
+    state.queue = create_queue(state.settings, state.models.queue_kinds())
+    await state.queue.open()
     starting: asyncio.Task[None] | None = None
     if not state.settings.redis_url:
         starting = asyncio.create_task(_start_engine(state))

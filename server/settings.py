@@ -70,6 +70,26 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("TOKSERVE_REDIS_URL", "REDIS_URL"),
         description="Redis Streams queue backend (separate worker processes); unset: in-process queue.",
     )
+    job_ttl_s: float = Field(3600.0, gt=0, description="How long finished jobs (status, events, results) are "
+                             "kept for GET /v1/jobs/{id}; also the TTL of Redis results.")
+
+    # ---- Redis Streams backend and standalone workers (used only with REDIS_URL)
+    redis_prefix: str = Field("tokserve", min_length=1, description="Prefix of every Redis key.")
+    redis_reclaim_s: float = Field(30.0, gt=0, description="A job held this long by a worker that stopped "
+                                   "refreshing it (dead) is reclaimed by another worker.")
+    redis_max_deliveries: int = Field(3, ge=1, description="Deliveries (model errors or worker deaths) before "
+                                      "a job goes to the dead-letter stream and its caller gets 500.")
+    redis_stream_maxlen: int = Field(100_000, ge=1000, description="Approximate cap of each job stream (XADD "
+                                     "MAXLEN ~); acknowledged entries are trimmed sooner.")
+    redis_connect_timeout_s: float = Field(0.5, gt=0, description="Redis connect timeout (fast 503 when down).")
+    redis_timeout_s: float = Field(2.0, gt=0, description="Redis command timeout (blocking reads get more).")
+    worker_heartbeat_s: float = Field(2.0, gt=0, description="How often a worker refreshes its announcement; "
+                                      "it is gone (not ready) after 3 missed beats.")
+    worker_id: str | None = Field(None, description="Worker name in Redis (default: host-pid-random).")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="Standalone worker: serve Prometheus "
+                                     "/metrics on this port.")
+    test_poison_value: float | None = Field(None, description="TESTS ONLY: a decode whose tokens contain this "
+                                            "exact value raises (exercises retries and the dead-letter stream).")
 
     # ---- limits
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest accepted request body.")

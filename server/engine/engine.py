@@ -13,7 +13,6 @@ from server.engine.batching import BatchPolicy
 from server.engine.loops import BatchLoop, GenerateLoop
 from server.engine.runtime import DeviceThread, GeneratorRuntime, Runtime, TokenizerRuntime, build_runtimes
 from server.engine.specs import ModelSet
-from server.errors import ShuttingDown
 from server.metrics import Metrics
 from server.queue.base import JobQueue
 from server.settings import Settings
@@ -98,7 +97,7 @@ class Engine:
             for loop in self.loops:
                 if isinstance(loop, GenerateLoop):
                     for job in loop.scheduler.drop([j.id for j in loop.scheduler.jobs]):
-                        await self.queue.fail(job, ShuttingDown("the worker stopped before this job finished"))
+                        await self.queue.hand_back(job)
         self.ready = False
         self.metrics.ready.set(0)
         await asyncio.get_running_loop().run_in_executor(None, self.device.shutdown)

@@ -2,8 +2,9 @@
 interface (in-process or Redis alike) and running torch in the device thread.
 
 * :class:`BatchLoop`: encode or decode with dynamic batching (``Batcher``) and per-job failure isolation.
-* :class:`GenerateLoop`: step-level batching (``GenerationScheduler``): new jobs join at step boundaries,
-  cancelled / expired ones leave, finished rows are un-normalised and decoded together by the tokenizer.
+* :class:`GenerateLoop`: step-level batching (``GenerationScheduler``): new jobs join at step boundaries
+  (by priority, then deadline), cancelled / expired ones leave (their rows are freed at once), progress is
+  reported per step, finished rows are un-normalised and decoded together by the tokenizer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from server.engine.runtime import DeviceThread, GeneratorRuntime, TokenizerRunti
 from server.engine.scheduler import GenerationScheduler, StepOutcome
 from server.errors import DeadlineExceeded, ModelFailed
 from server.metrics import Metrics
-from server.queue.base import DecodePayload, EncodePayload, Job, JobQueue, JobResult, job_kind
+from server.queue.base import DecodePayload, EncodePayload, Job, JobQueue, JobResult, Progress, job_kind
 
 log = logging.getLogger("tokserve.worker")
 
@@ -161,7 +162,9 @@ class GenerateLoop:
         jobs = s.jobs
         live = await _drop_dead(self.queue, jobs)
         live_ids = {j.id for j in live}
-        s.drop(j.id for j in jobs if j.id not in live_ids)
+        if s.drop(j.id for j in jobs if j.id not in live_ids):  # their rows are free from the next step
+            self.metrics.generation_rows.labels(self.model).set(s.running_rows)
+            self.metrics.generation_waiting.labels(self.model).set(s.waiting_rows)
 
     def _decode(self, latents: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         tokens = [self.tokenizer.denormalize(x) for x in latents]
@@ -195,6 +198,8 @@ class GenerateLoop:
             m.batch_size.labels("generate", self.model).observe(t.rows)
         m.generation_rows.labels(self.model).set(s.running_rows)
         m.generation_waiting.labels(self.model).set(s.waiting_rows)
+        if r.outcome.progress:
+            await self.queue.progress([Progress(job, done, total) for job, done, total in r.outcome.progress])
         for job, err in r.failed:
             await self.queue.fail(job, _model_error(job, err))
         now = time.time()

@@ -43,17 +43,10 @@ def load_module(spec: ModelSpec, settings: Settings) -> nn.Module:
 
 
 def enliven(module: nn.Module, std: float = 0.1) -> nn.Module:
-    """Make a freshly initialised model's output depend on its inputs: training-time initialisations leave
-    tensors constant (adaLN-Zero and final layers at 0, LayerScale at 1e-5), which makes a random SiT/DiT
-    output exactly 0 and a random tokenizer nearly blind to its image. Every constant tensor other than
-    all-ones (norm scales) is redrawn from N(0, std^2). Used only for registry models served with random
-    weights (tests, benchmarks), from the caller's RNG state."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.is_floating_point() and p.numel() > 1 and bool((p == p.flatten()[0]).all()) \
-                    and float(p.flatten()[0]) != 1.0:
-                p.normal_(0.0, std)
-    return module
+    """Registry models served with random weights: see :func:`models.random_init.enliven` (global RNG)."""
+    from models.random_init import enliven as _enliven
+
+    return _enliven(module, std)
 
 
 class Runtime:
@@ -139,7 +132,13 @@ def build_runtimes(specs: list[ModelSpec], settings: Settings) -> dict[str, Runt
         module = load_module(spec, settings)
         cls = TokenizerRuntime if spec.kind == "tokenizer" else GeneratorRuntime
         backend = choice.kind_for(spec.name)
-        out[spec.name] = cls(spec, module, device, dtype, backend=backend, export_dir=settings.export_dir)
+        out[spec.name] = rt = cls(spec, module, device, dtype, backend=backend, export_dir=settings.export_dir)
+        if settings.test_poison_value is not None and isinstance(rt, TokenizerRuntime):
+            from server.engine.faults import poison_decode
+
+            log.warning("%s: TEST POISON VALUE %s is set: decodes holding it raise", spec.name,
+                        settings.test_poison_value)
+            rt._decode = poison_decode(rt._decode, settings.test_poison_value)
         log.info("loaded %s (%s, %s) on %s with %s", spec.name, spec.family, spec.source, device, backend)
     return out
 

@@ -2,8 +2,9 @@
 
 Each admitted job contributes one :class:`Row` per image (own seed, class, guidance scale and interval, step
 count). Rows wait until there is room (``max_rows`` running), then join the running batch of their sampler at
-the next step boundary; :meth:`GenerationScheduler.step` advances every running batch by one step of each
-row's own schedule; a job is finished when all its rows are, and its normalised latents (B, L, C) are
+the next step boundary (the highest ``priority`` first, then the earliest deadline, then in admission order);
+:meth:`GenerationScheduler.step` advances every running batch by one step of each row's own schedule and
+reports each job's progress; a job is finished when all its rows are, and its normalised latents (B, L, C) are
 returned. A model failure is isolated: the failed group is re-run job by job and only the failing jobs end.
 """
 
@@ -26,6 +27,7 @@ class _Entry:
     rows: list[Row]
     joined: int = 0  # rows[:joined] have entered the running batch
     started_at: float | None = None  # when its first row joined
+    reported: int = 0  # the step last reported in StepOutcome.progress
 
 
 @dataclass
@@ -43,6 +45,7 @@ class StepOutcome:
     finished: list[tuple[Job, torch.Tensor, float]] = field(default_factory=list)  # job, (B, L, C), started
     failed: list[tuple[Job, BaseException]] = field(default_factory=list)
     timings: list[StepTiming] = field(default_factory=list)
+    progress: list[tuple[Job, int, int]] = field(default_factory=list)  # job, steps done (slowest row), total
 
 
 def _snapshot(rows: list[Row]) -> list[tuple[torch.Tensor, int, dict, torch.Tensor]]:
@@ -109,10 +112,16 @@ class GenerationScheduler:
         return [self._entries.pop(i).job for i in list(job_ids) if i in self._entries]
 
     # ------------------------------------------------------------------ stepping
+    def _join_order(self) -> list[_Entry]:
+        """Waiting rows join by priority (highest first), then deadline (earliest first), then admission."""
+        inf = float("inf")
+        return sorted(self._entries.values(),
+                      key=lambda e: (-e.job.priority, inf if e.job.deadline is None else e.job.deadline))
+
     def _join(self) -> None:
         room = self.max_rows - self.running_rows
         now = self._clock()
-        for e in self._entries.values():
+        for e in self._join_order():
             if room <= 0:
                 break
             n = min(room, len(e.rows) - e.joined)
@@ -141,6 +150,12 @@ class GenerationScheduler:
                 _restore(rows, saved)
                 stats = self._step_isolated(sampler, entries, out)
             out.timings.append(StepTiming(name, len(rows), self._clock() - t0, stats))
+            for e in entries:
+                if e.job.id in self._entries:
+                    done = min(r.step for r in e.rows)
+                    if done > e.reported:
+                        e.reported = done
+                        out.progress.append((e.job, done, max(r.total for r in e.rows)))
         for e in list(self._entries.values()):
             if e.joined == len(e.rows) and all(r.done for r in e.rows):
                 del self._entries[e.job.id]

@@ -72,6 +72,14 @@ class ModelSet:
     def of_kind(self, kind: str) -> list[ModelSpec]:
         return [s for s in self.specs.values() if s.kind == kind]
 
+    def queue_kinds(self) -> list[str]:
+        """The queue kinds served: ``encode:<tok>``, ``decode:<tok>`` per tokenizer, ``generate:<gen>``."""
+        out = []
+        for s in self.specs.values():
+            ops = ("encode", "decode") if s.kind == "tokenizer" else ("generate",)
+            out += [f"{op}:{s.name}" for op in ops]
+        return out
+
 
 def _parse_entry(entry: str) -> tuple[str | None, str]:
     if "=" in entry:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from server.queue.base import (
@@ -21,15 +22,15 @@ if TYPE_CHECKING:
     from server.settings import Settings
 
 
-def create_queue(settings: Settings) -> JobQueue:
-    """The backend selected by the settings: Redis Streams when ``REDIS_URL`` is set, else in-process."""
+def create_queue(settings: Settings, kinds: Sequence[str] = ()) -> JobQueue:
+    """The backend selected by the settings: Redis Streams when ``REDIS_URL`` is set, else in-process.
+    ``kinds``: what an API process serves (with Redis, /readyz waits for a live worker serving each)."""
     if settings.redis_url:
-        raise NotImplementedError(
-            "REDIS_URL is set but the Redis Streams backend is not built yet (issue 8); unset REDIS_URL to "
-            "use the in-process queue"
-        )
+        from server.queue.redis import RedisOptions, RedisQueue
+
+        return RedisQueue(RedisOptions.from_settings(settings), kinds)
     return InProcessQueue(settings.queue_capacity, idempotency_ttl_s=settings.idempotency_ttl_s,
-                          retry_after_s=settings.retry_after_s)
+                          retry_after_s=settings.retry_after_s, job_ttl_s=settings.job_ttl_s)
 
 
 __all__ = [

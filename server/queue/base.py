@@ -1,10 +1,13 @@
 """The queue interface between the API (which never runs a model) and the workers (which own a device).
 
-API side: ``await queue.submit(job) -> JobResult`` (raises QueueFull, DeadlineExceeded, ShuttingDown, or the
-job's own error). Worker side: ``await queue.take(kind, max_n, timeout) -> [Job]``, then
-``complete(job, result)`` or ``fail(job, error)`` for each. A *kind* is ``"<op>:<model>"`` (one stream per
-model and operation in the Redis backend). Jobs, payloads, results and errors are plain data (tensors, numbers,
-strings; see ``server.queue.wire``) so any backend can carry them between processes and machines.
+API side: ``await queue.submit(job) -> JobResult`` (raises QueueFull, DeadlineExceeded, ShuttingDown,
+BackendUnavailable, or the job's own error). Jobs API (long work, ``tracked`` jobs): ``enqueue(job) -> id``,
+``info(id)``, ``events(id, after, timeout)``, ``cancel(id)``. Worker side: ``await queue.take(kind, max_n,
+timeout) -> [Job]``, then ``complete(job, result)`` or ``fail(job, error)`` for each (``progress`` reports
+denoising steps, ``hand_back`` returns a job a stopping worker did not finish). A *kind* is
+``"<op>:<model>"`` (one stream per model and operation in the Redis backend). Jobs, payloads, results and errors
+are plain data (tensors, numbers, strings; see ``server.queue.wire``) so any backend can carry them between
+processes and machines.
 """
 
 from __future__ import annotations
@@ -14,13 +17,18 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from models.sampling.base import SampleRequest
 
 OPS = ("encode", "decode", "generate")
+# Job states (jobs API). A job moves queued -> running -> one terminal state (running -> queued again when a
+# worker hands it back or a delivery failed and is retried).
+STATES = ("queued", "running", "completed", "failed", "cancelled")
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+PRIORITY_RANGE = (-100, 100)  # higher runs sooner; 0 is the default
 
 
 def job_kind(op: str, model: str) -> str:
@@ -96,6 +104,9 @@ class Job:
     idempotency_key: str | None = None
     fingerprint: str | None = None  # hash of the validated request, checked with idempotency_key
     taken_at: float | None = None
+    priority: int = 0  # higher is taken (and joins a running generation batch) sooner
+    tracked: bool = False  # a jobs-API job: status, events and result are kept for GET /v1/jobs/{id}
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able: what renders the result (jobs API)
 
     @property
     def op(self) -> str:
@@ -124,14 +135,88 @@ class JobResult:
     compute_ms: float = 0.0
 
 
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of a tracked job's event log (``GET /v1/jobs/{id}/events``). ``id`` orders the events of
+    one job and is what a client sends back as ``Last-Event-ID`` (opaque: a sequence number in-process, a
+    stream id in Redis). ``type``: queued, started, step, completed, failed, cancelled."""
+
+    id: str
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL
+
+
+@dataclass
+class JobInfo:
+    """What ``GET /v1/jobs/{id}`` reports. Times are epoch seconds; ``step`` of ``steps`` is the slowest
+    row's progress (generation only); ``error`` is ``{"type", "message"}`` once failed; ``result`` is set once
+    completed (until it expires)."""
+
+    id: str
+    op: str
+    model: str
+    status: str
+    request_id: str
+    priority: int
+    submitted_at: float
+    deadline: float | None
+    meta: dict[str, Any]
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int | None = None
+    steps: int | None = None
+    deliveries: int = 0
+    error: dict[str, str] | None = None
+    result: JobResult | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A worker's report: ``job`` has done ``step`` of ``total`` denoising steps."""
+
+    job: Job
+    step: int
+    total: int
+
+
 class JobQueue(ABC):
     """A queue backend. The engine and the routes only ever see this interface."""
 
     # ------------------------------------------------------------------ API side
+    async def open(self) -> None:
+        """Connect and start background work (Redis: heartbeats, reclaiming, trimming). Called once, in the
+        running event loop, before any other method."""
+        return None
+
     @abstractmethod
     async def submit(self, job: Job) -> JobResult:
         """Enqueue ``job`` and wait for its result (until ``job.deadline``). A job with an idempotency key
         already seen (same fingerprint) is not run again: the first one's result is returned."""
+
+    # ------------------------------------------------------------------ jobs API (tracked jobs)
+    @abstractmethod
+    async def enqueue(self, job: Job) -> str:
+        """Accept ``job`` (``tracked``) without waiting; returns its id. With an idempotency key already seen
+        (same fingerprint) nothing new runs and the first job's id is returned."""
+
+    @abstractmethod
+    async def info(self, job_id: str) -> JobInfo | None:
+        """The state of a tracked job (with its result once completed); None when unknown or expired."""
+
+    @abstractmethod
+    async def events(self, job_id: str, after: str | None, timeout: float) -> list[JobEvent] | None:
+        """The job's events after event id ``after`` (all when None), waiting up to ``timeout`` seconds for at
+        least one; ``[]`` on timeout, None when the job is unknown or expired."""
+
+    @abstractmethod
+    async def cancel(self, job_id: str) -> JobInfo | None:
+        """Cancel a tracked job: a queued job never runs, a running generation leaves its batch at the next
+        step (its rows are freed). A finished job is left as it is. Returns the state after, None if
+        unknown."""
 
     # ------------------------------------------------------------------ worker side
     @abstractmethod
@@ -146,8 +231,25 @@ class JobQueue(ABC):
     async def fail(self, job: Job, error: BaseException) -> None: ...
 
     async def cancelled(self, jobs: Sequence[Job]) -> set[str]:
-        """Ids of those taken ``jobs`` whose caller gave up (deadline, cancel): the worker drops them."""
+        """Ids of those taken ``jobs`` whose caller gave up (deadline, cancel): the worker forgets them (the
+        backend counts them as finished)."""
         return set()
+
+    async def progress(self, updates: Sequence[Progress]) -> None:
+        """Record denoising progress (``step`` events of tracked jobs). Best effort."""
+        return None
+
+    async def hand_back(self, job: Job) -> None:
+        """A stopping worker did not finish ``job``. In-process it answers 503; a durable backend queues it
+        again for another worker."""
+        from server.errors import ShuttingDown
+
+        await self.fail(job, ShuttingDown("the worker stopped before this job finished"))
+
+    async def announce(self, kinds: Sequence[str], info: dict[str, Any]) -> None:
+        """A worker is ready to serve ``kinds``: advertise it (Redis: a heartbeat key the API's /readyz reads)
+        until :meth:`release`."""
+        return None
 
     # ------------------------------------------------------------------ operations
     @abstractmethod
@@ -174,12 +276,18 @@ class JobQueue(ABC):
 
 __all__ = [
     "OPS",
+    "PRIORITY_RANGE",
+    "STATES",
+    "TERMINAL",
     "DecodePayload",
     "EncodePayload",
     "GeneratePayload",
     "Job",
+    "JobEvent",
+    "JobInfo",
     "JobQueue",
     "JobResult",
     "Payload",
+    "Progress",
     "job_kind",
 ]

@@ -61,17 +61,22 @@ def _payload_from(h: dict[str, Any], t: dict[str, torch.Tensor]) -> Payload:
 
 _JOB_FIELDS = ("model", "request_id", "id", "submitted_at", "deadline", "idempotency_key", "fingerprint",
                "taken_at")
+_OPTIONAL_FIELDS = {"priority": 0, "tracked": False, "meta": {}}  # added later: absent in older messages
 
 
 def job_to_bytes(job: Job) -> bytes:
     payload, tensors = _payload_parts(job.payload)
-    header = {"v": FORMAT_VERSION, "payload": payload, **{f: getattr(job, f) for f in _JOB_FIELDS}}
+    header = {"v": FORMAT_VERSION, "payload": payload, **{f: getattr(job, f) for f in (*_JOB_FIELDS,
+                                                                                     *_OPTIONAL_FIELDS)}}
     return _frame(header, tensors)
 
 
 def job_from_bytes(data: bytes) -> Job:
     header, tensors = _unframe(data)
-    return Job(payload=_payload_from(header["payload"], tensors), **{f: header[f] for f in _JOB_FIELDS})
+    optional = {f: header.get(f, default) for f, default in _OPTIONAL_FIELDS.items()}
+    optional["meta"] = dict(optional["meta"])
+    return Job(payload=_payload_from(header["payload"], tensors), **{f: header[f] for f in _JOB_FIELDS},
+               **optional)
 
 
 def result_to_bytes(result: JobResult) -> bytes:

@@ -1,0 +1,134 @@
+"""The jobs API (long work, both queue backends): POST /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs/{id}/events
+(server-sent events, replayed after ``Last-Event-ID``), POST /v1/jobs/{id}/cancel."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server import jobs
+from server.deps import OptionsDep, StateDep
+from server.errors import BadRequest, NotFound, NotReady, TokservError
+from server.queue.base import TERMINAL, Job, JobQueue
+from server.routes.common import read_json, request_body
+from server.schemas import ERROR_RESPONSES
+from server.state import AppState
+
+router = APIRouter()
+KEEPALIVE_S = 15.0
+SSE_RETRY_MS = 1000
+
+_BODY = request_body({"application/json": {"schema": {
+    "type": "object", "required": ["op"],
+    "description": "The JSON body of POST /v1/encode, /v1/decode or /v1/generate, plus these fields",
+    "properties": {
+        "op": {"type": "string", "enum": ["encode", "decode", "generate"]},
+        "priority": {"type": "integer", "minimum": -100, "maximum": 100, "default": 0,
+                     "description": "higher runs sooner (also the x-priority header)"},
+        "deadline_ms": {"type": "number",
+                        "description": "fail the job if not done by then (also x-deadline-ms)"},
+    }, "additionalProperties": True}}})
+
+
+def _queue(state: AppState) -> JobQueue:
+    if state.queue is None:
+        raise NotReady("the server is starting", retry_after=state.settings.retry_after_s)
+    return state.queue
+
+
+@router.post("/v1/jobs", status_code=202, openapi_extra=_BODY, responses=ERROR_RESPONSES,
+             summary="Submit a job (202 + id)")
+async def create_job(request: Request, state: StateDep, opts: OptionsDep,
+                     x_priority: Annotated[str | None, Header()] = None) -> JSONResponse:
+    """Accept a job and answer at once with its id; follow it with ``GET /v1/jobs/{id}`` or its events.
+    With an ``Idempotency-Key`` a repeated submission returns the first job (it runs once)."""
+    queue = state.check_ready()
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("the JSON body must be an object with an \"op\" field")
+    fields = {k: body.pop(k) for k in jobs.JOB_FIELDS if k in body}
+    priority = jobs.parse_priority(fields.get("priority", x_priority if x_priority is not None else 0))
+    deadline = opts.deadline
+    if "deadline_ms" in fields:
+        deadline = time.time() + jobs.parse_deadline_ms(fields["deadline_ms"])
+    key = None if opts.idempotency_key is None else f"jobs:{opts.idempotency_key}"
+    p = await jobs.prepare(fields.get("op"), body, state, opts.idempotency_key)
+    request.scope.setdefault("state", {})["model"] = p.model
+    job = Job(model=p.model, payload=p.payload, request_id=opts.request_id, deadline=deadline,
+              idempotency_key=key, fingerprint=p.fingerprint, priority=priority, tracked=True, meta=p.meta)
+    job_id = await queue.enqueue(job)
+    info = await queue.info(job_id)
+    status = info.status if info is not None else "queued"
+    links = {"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events",
+             "cancel": f"/v1/jobs/{job_id}/cancel"}
+    return JSONResponse({"id": job_id, "op": p.op, "model": p.model, "status": status, "priority": priority,
+                         "links": links}, status_code=202, headers={"Location": links["self"]})
+
+
+@router.get("/v1/jobs/{job_id}", responses=ERROR_RESPONSES, summary="A job's status and result")
+async def get_job(job_id: str, state: StateDep) -> JSONResponse:
+    info = await _queue(state).info(job_id)
+    if info is None:
+        raise NotFound(f"no job {job_id!r} (unknown, or expired after {state.settings.job_ttl_s:.0f} s)")
+    result = await state.codec(jobs.render_result, info, state.settings) if info.result is not None else None
+    return JSONResponse(jobs.job_body(info, result))
+
+
+@router.post("/v1/jobs/{job_id}/cancel", responses=ERROR_RESPONSES, summary="Cancel a job")
+async def cancel_job(job_id: str, state: StateDep) -> JSONResponse:
+    """A queued job never runs; a running generation leaves its batch at the next step. A job that already
+    ended is left as it is (its status says which)."""
+    info = await _queue(state).cancel(job_id)
+    if info is None:
+        raise NotFound(f"no job {job_id!r}")
+    return JSONResponse(jobs.job_body(info))
+
+
+@router.get("/v1/jobs/{job_id}/events", responses={**ERROR_RESPONSES, 200: {
+    "description": "text/event-stream: queued, started, step (step i of n), completed | failed | cancelled",
+    "content": {"text/event-stream": {}}}}, summary="A job's events (server-sent events)")
+async def job_events(job_id: str, state: StateDep,
+                     last_event_id: Annotated[str | None, Header()] = None,
+                     after: Annotated[str | None, Query(description="like Last-Event-ID")] = None,
+                     ) -> StreamingResponse:
+    """Every event of the job after ``Last-Event-ID`` (or ``after``; all when absent), then the new ones as
+    they happen; the stream ends after the terminal event. Reconnect with the last id seen to resume."""
+    queue = _queue(state)
+    start = last_event_id or after
+    first = await queue.events(job_id, start, 0.0)
+    if first is None:
+        raise NotFound(f"no job {job_id!r}")
+    return StreamingResponse(_stream(queue, job_id, start, first), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(event_id: str, type_: str, data: dict[str, Any]) -> str:
+    return f"id: {event_id}\nevent: {type_}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _stream(queue: JobQueue, job_id: str, after: str | None, first: list[Any]) -> AsyncIterator[str]:
+    yield f"retry: {SSE_RETRY_MS}\n\n"
+    batch = first
+    try:
+        while True:
+            for e in batch:
+                yield _sse(e.id, e.type, e.data)
+                after = e.id
+                if e.terminal:
+                    return
+            if not batch:
+                info = await queue.info(job_id)
+                if info is None or info.status in TERMINAL:
+                    return
+                yield ": keep-alive\n\n"
+            got = await queue.events(job_id, after, KEEPALIVE_S)
+            if got is None:
+                return
+            batch = got
+    except TokservError:
+        return  # the backend is unreachable: end the stream; the client resumes with Last-Event-ID
