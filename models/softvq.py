@@ -27,6 +27,7 @@ from timm.layers import trunc_normal_
 
 from models.layers.vit import ToPixel, VisionTransformer
 from models.quantizers.soft import KINDS, SoftQuantizerOutput, build_soft_quantizer
+from models.latent_norm import LatentNormMixin
 from models.registry import register_config, register_model_class
 
 # --------------------------------------------------------------------------------------------- config
@@ -233,7 +234,7 @@ class SoftVQOutput:
 
 
 @register_model_class
-class SoftVQModel(nn.Module):
+class SoftVQModel(LatentNormMixin, nn.Module):
     """SoftVQ-VAE tokenizer. ``encode`` (B, 3, H, W) in [-1, 1] -> (B, L, D); ``decode`` back (unclamped)."""
 
     config_class = SoftVQConfig
@@ -276,22 +277,6 @@ class SoftVQModel(nn.Module):
     def token_shape(self) -> tuple[int, int]:
         """(L, D) of one image's tokens."""
         return (self.config.num_tokens, self.config.token_dim)
-
-    @property
-    def vq_mean(self) -> float:
-        return self.config.vq_mean
-
-    @property
-    def vq_std(self) -> float:
-        return self.config.vq_std
-
-    def normalize_latents(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens -> the generator's latent space: ``(tokens - vq_mean) / vq_std``."""
-        return (tokens - self.config.vq_mean) / self.config.vq_std
-
-    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Generator latents -> tokens for :meth:`decode`: ``latents * vq_std + vq_mean``."""
-        return latents * self.config.vq_std + self.config.vq_mean
 
     # ------------------------------------------------------------------------------------------ compute
 

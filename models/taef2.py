@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from models.latent_norm import LatentNormMixin
 from models.registry import register_config, register_model_class
 
 DEFAULT_WEIGHTS = Path(os.environ.get("TOKSERVE_TAEF2", "../shared/weights/taef2"))
@@ -89,6 +90,10 @@ class TAEF2Config:
     latent_channels: int = 32
     downsample: int = 8
     license: str = "MIT (madebyollin/taesd)"
+    # Latent statistics for generators trained on TAEF2 tokens ((z - vq_mean) / vq_std); identity until
+    # measured (``python -m training generator`` measures and writes them).
+    vq_mean: float = 0.0
+    vq_std: float = 1.0
 
     @property
     def num_tokens(self) -> int:
@@ -100,7 +105,7 @@ class TAEF2Config:
 
 
 @register_model_class
-class TAEF2(nn.Module):
+class TAEF2(LatentNormMixin, nn.Module):
     config_class = TAEF2Config
 
     def __init__(self, config: TAEF2Config) -> None:
