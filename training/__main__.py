@@ -1,0 +1,81 @@
+"""Command line: ``python -m training <command> ...`` (see training/README.md).
+
+Commands: ``tokenizer``, ``generator`` (train), ``eval-tokenizer``, ``eval-generator``, ``compute-latent-stats``,
+``configs`` (list the named training configurations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training import config as C
+
+
+def _train_config(args: argparse.Namespace, kind: str) -> C.TrainConfig:
+    if args.config.endswith(".json"):
+        cfg = C.from_dict(json.loads(Path(args.config).read_text()))
+    else:
+        cfg = C.get_named(args.config)
+    if cfg.kind != kind:
+        raise SystemExit(f"config {args.config!r} is a {cfg.kind} config, not a {kind} config")
+    shortcuts = []
+    if args.data:
+        shortcuts.append(f"data.train={args.data}")
+    if args.out:
+        shortcuts.append(f"run.out_dir={args.out}")
+    if args.steps is not None:
+        shortcuts.append(f"run.steps={args.steps}")
+    if args.max_minutes is not None:
+        shortcuts.append(f"run.max_minutes={args.max_minutes}")
+    if getattr(args, "tokenizer", None):
+        shortcuts.append(f"tokenizer={args.tokenizer}")
+    return C.apply_overrides(cfg, shortcuts + list(args.overrides))
+
+
+def _add_train(sub, name: str, default: str, help: str) -> None:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--config", default=default, help="a named config (see `configs`) or a config.json path")
+    p.add_argument("--data", help="training data (shortcut for data.train=...)")
+    p.add_argument("--out", help="run folder (shortcut for run.out_dir=...)")
+    p.add_argument("--steps", type=int, help="total steps (run.steps)")
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget (run.max_minutes)")
+    if name == "generator":
+        p.add_argument("--tokenizer", help="tokenizer serving folder (shortcut for tokenizer=...)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 run.batch_size=64")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_train(sub, "tokenizer", "tokenizer-default", "train a tokenizer")
+    _add_train(sub, "generator", "generator-default", "train a generator on a tokenizer's latents")
+    sub.add_parser("configs", help="list the named training configurations")
+
+    from training import evaluate
+
+    evaluate.add_commands(sub)
+    args = ap.parse_args(argv)
+
+    if args.command == "configs":
+        for name, fn in sorted(C.NAMED.items()):
+            print(f"{name:22s} {(fn.__doc__ or '').strip()}")
+        return 0
+    if args.command == "tokenizer":
+        from training.tokenizer import train_tokenizer
+
+        print(train_tokenizer(_train_config(args, "tokenizer")))
+        return 0
+    if args.command == "generator":
+        from training.generator import train_generator
+
+        print(train_generator(_train_config(args, "generator")))
+        return 0
+    return evaluate.run_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

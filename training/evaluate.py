@@ -1,0 +1,272 @@
+"""Evaluation commands: ``eval-tokenizer``, ``eval-generator``, ``compute-latent-stats``.
+
+* ``eval-tokenizer``: reconstructs N validation images (ADM centre crop to the model's size) and reports
+  PSNR and SSIM (uint8), LPIPS-VGG and rFID (Inception features of the reconstructions against those of
+  the same N originals). ``--model`` is a serving folder, a registered name, or ``taef2`` (the pretrained
+  TAEF2 from ``../shared/weights/taef2``).
+* ``eval-generator``: ``--per-class`` samples for each trained class, at each ``--cfg`` scale; gFID against
+  the validation images of the trained classes, and the EfficientNet-Lite0 top-1 accuracy on the samples
+  (does a sample show its class?) beside the same classifier on the real validation images at the same
+  resolution. ``--floor-n`` adds the real-versus-real FID floor (train images against the same reference).
+* ``compute-latent-stats``: measures ``vq_mean`` / ``vq_std`` of a tokenizer on training images and writes
+  them into its ``config.json``.
+
+Every command prints one JSON object and, with ``--out``, writes it to a file. Inception features of real
+images are cached under ``--cache`` (default ``runs/cache``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import models
+from training.data import ImageSet, load_images, select_classes, to_float, to_uint8
+from training.metrics import FeatureStats, InceptionFeatures, frechet_distance, psnr, ssim, top1
+from training.perceptual import LPIPS, EfficientNetLite0
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def load_tokenizer(spec: str, taef2_weights: str | None = None) -> nn.Module:
+    """A serving folder, ``taef2`` (pretrained, from the shared weights) or a registered name."""
+    if spec.lower() == "taef2":
+        from models.taef2 import DEFAULT_WEIGHTS, TAEF2
+
+        return TAEF2.from_original(taef2_weights or DEFAULT_WEIGHTS)
+    if Path(spec).is_dir():
+        return models.load_pretrained(spec).float()
+    return models.create_model(spec).eval()
+
+
+def image_size_of(model: nn.Module) -> int:
+    return int(getattr(model.config, "image_size", 64))
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> reconstructed uint8 (N, 3, H, W)."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = to_float(images[i : i + batch_size])
+        out.append(to_uint8(model.decode(model.encode(x))))
+    return torch.cat(out)
+
+
+def real_features(inception: InceptionFeatures, source: str, n: int, size: int, cache_dir: str | Path,
+                  classes: list[int] | None = None) -> tuple[ImageSet, torch.Tensor]:
+    """The first ``n`` images of ``source`` (optionally of ``classes``) and their Inception features,
+    cached on disk by (source, n, size, classes)."""
+    images = load_images(source, size, classes=classes, max_images=n)
+    tag = f"{Path(str(source)).stem}_{size}px_{len(images)}" + (f"_{len(classes)}cls" if classes else "")
+    cache = Path(cache_dir) / f"inception_{tag}.pt"
+    if cache.exists():
+        feats = torch.load(cache, weights_only=True)
+        if feats.shape[0] == len(images):
+            return images, feats
+    feats = inception.features(images.images).float()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(feats, cache)
+    return images, feats
+
+
+def emit(result: dict, out: str | None) -> int:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def eval_tokenizer(model: nn.Module, *, data: str = "tiny-val", n: int = 10000, batch_size: int = 50,
+                   cache_dir: str | Path = "runs/cache", fid: bool = True, lpips_net: str = "vgg16") -> dict:
+    t0 = time.time()
+    size = image_size_of(model)
+    inception = InceptionFeatures() if fid else None
+    if inception is not None:
+        real, real_f = real_features(inception, data, n, size, cache_dir)
+    else:
+        real, real_f = load_images(data, size, max_images=n), None
+    rec = reconstruct(model, real.images, batch_size)
+    lp = LPIPS(lpips_net)
+    with torch.no_grad():
+        lpips_vals = torch.cat([lp(to_float(real.images[i : i + batch_size]), to_float(rec[i : i + batch_size]))
+                                for i in range(0, len(real), batch_size)])
+    result = {
+        "n": len(real),
+        "image_size": size,
+        "psnr": float(psnr(real.images, rec).mean()),
+        "psnr_pooled": float(10 * torch.log10(255.0**2 / (real.images.double() - rec.double()).pow(2).mean())),
+        "ssim": float(ssim(real.images, rec).mean()),
+        f"lpips_{lpips_net}": float(lpips_vals.mean()),
+    }
+    if inception is not None:
+        rec_f = inception.features(rec)
+        result["rfid"] = frechet_distance(FeatureStats.of(rec_f), FeatureStats.of(real_f))
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- generator
+
+
+def resolve_tokenizer_path(ref: str, generator_folder: str | Path) -> str:
+    """The generator config's ``tokenizer`` field: a path as given, relative to the generator folder, or
+    a sibling ``tokenizer`` folder."""
+    for cand in (Path(ref), Path(generator_folder) / ref, Path(generator_folder).parent / "tokenizer"):
+        if ref and cand.is_dir():
+            return str(cand)
+    raise FileNotFoundError(f"tokenizer {ref!r} of {generator_folder} not found; pass --tokenizer")
+
+
+@torch.no_grad()
+def generate(generator: nn.Module, tokenizer: nn.Module, classes: list[int], per_class: int, *, cfg_scale: float,
+             steps: int, sampler_name: str, batch_size: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 3, H, W) and labels (N,), ``per_class`` per class, seeds ``seed + i``."""
+    from models.sampling import SampleRequest, get_sampler, run_to_completion
+
+    g = generator.config
+    sampler = get_sampler(sampler_name, generator)
+    labels = torch.tensor([c for c in classes for _ in range(per_class)])
+    reqs = [SampleRequest(class_id=int(c), seed=seed + i, steps=steps, cfg_scale=cfg_scale, sampler=sampler_name,
+                          guidance_low=g.guidance_low, guidance_high=g.guidance_high,
+                          path_type=getattr(g, "path_type", "linear"))
+            for i, c in enumerate(labels.tolist())]
+    out = []
+    for i in range(0, len(reqs), batch_size):
+        lat = run_to_completion(sampler, generator, reqs[i : i + batch_size], (g.num_tokens, g.token_dim)).float()
+        out.append(to_uint8(tokenizer.decode(tokenizer.denormalize_latents(lat))))
+    return torch.cat(out), labels
+
+
+def classifier_accuracy(clf: EfficientNetLite0, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 50) -> float:
+    with torch.no_grad():
+        logits = torch.cat([clf.logits(to_float(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+    return top1(logits, labels)
+
+
+def eval_generator(folder: str, *, tokenizer: str | None = None, per_class: int = 50, cfg_scales=(1.0,),
+                   steps: int | None = None, sampler: str | None = None, ref: str = "tiny-val", ref_n: int = 10000,
+                   floor_n: int = 0, floor_source: str = "tiny-train", cache_dir: str | Path = "runs/cache",
+                   grid: str | None = None, batch_size: int = 50) -> dict:
+    t0 = time.time()
+    gen = models.load_pretrained(folder).float()
+    g = gen.config
+    tok = models.load_pretrained(tokenizer or resolve_tokenizer_path(g.tokenizer, folder)).float()
+    size = image_size_of(tok)
+    classes = list(g.trained_classes) or list(range(g.num_classes))
+    steps, sampler = steps or g.steps, sampler or g.sampler
+    inception, clf = InceptionFeatures(), EfficientNetLite0()
+    real, real_f = real_features(inception, ref, ref_n, size, cache_dir, classes=classes)
+    ref_stats = FeatureStats.of(real_f)
+    result: dict = {"model": str(folder), "classes": len(classes), "per_class": per_class, "steps": steps,
+                    "sampler": sampler, "reference": {"source": ref, "n": len(real)},
+                    "classifier_top1_real": classifier_accuracy(clf, real.images, real.labels), "runs": []}
+    if floor_n:
+        tr, tr_f = real_features(inception, floor_source, floor_n, size, cache_dir, classes=classes)
+        result["fid_floor"] = {"source": floor_source, "n": len(tr), "fid": frechet_distance(FeatureStats.of(tr_f), ref_stats)}
+    for s in cfg_scales:
+        t1 = time.time()
+        images, labels = generate(gen, tok, classes, per_class, cfg_scale=s, steps=steps, sampler_name=sampler,
+                                  batch_size=batch_size)
+        feats = inception.features(images)
+        result["runs"].append({
+            "cfg_scale": s, "guidance_interval": [g.guidance_low, g.guidance_high], "n": len(images),
+            "gfid": frechet_distance(FeatureStats.of(feats), ref_stats),
+            "classifier_top1": classifier_accuracy(clf, images, labels),
+            "seconds": round(time.time() - t1, 1),
+        })
+        if grid:
+            from training.plots import save_grid
+
+            stem = Path(grid)
+            save_grid(images[:: max(1, per_class)][:64], stem.with_name(f"{stem.stem}_cfg{s:g}{stem.suffix}"), nrow=8, scale=2)
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- latent stats
+
+
+def compute_latent_stats(folder: str, *, data: str = "tiny-train", n: int = 10000, batch_size: int = 64,
+                         num_classes: int | None = None, write: bool = True) -> dict:
+    from training.latents import measure_latent_stats, write_latent_stats
+
+    tok = models.load_pretrained(folder).float()
+    classes = select_classes(data, num_classes=num_classes)
+    images = load_images(data, image_size_of(tok), classes=classes, max_images=n)
+    stats = measure_latent_stats(tok, images, batch_size)
+    if write:
+        write_latent_stats(folder, stats)
+    return {"tokenizer": folder, "data": data, "n": stats.n, "vq_mean": stats.vq_mean, "vq_std": stats.vq_std,
+            "written": write}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("eval-tokenizer", help="rFID, PSNR, SSIM, LPIPS of a tokenizer on validation images")
+    p.add_argument("--model", required=True, help="serving folder, registered name, or 'taef2'")
+    p.add_argument("--taef2-weights", help="folder of taef2_{encoder,decoder}.pth (default ../shared/weights/taef2)")
+    p.add_argument("--data", default="tiny-val")
+    p.add_argument("--n", type=int, default=10000)
+    p.add_argument("--no-fid", action="store_true", help="skip rFID (Inception is the slow part on a CPU)")
+    _common(p)
+
+    p = sub.add_parser("eval-generator", help="gFID and classifier accuracy of a generator")
+    p.add_argument("--model", required=True, help="generator serving folder")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the generator config's `tokenizer`)")
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--cfg", type=float, action="append", help="guidance scale; repeat for several (default 1.0)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model config's)")
+    p.add_argument("--sampler", help="sampler name (default: the model config's)")
+    p.add_argument("--ref", default="tiny-val", help="reference images for FID and real-image accuracy")
+    p.add_argument("--ref-n", type=int, default=10000)
+    p.add_argument("--floor-n", type=int, default=0, help="also the real-vs-real FID of N train images")
+    p.add_argument("--grid", help="PNG path stem for one sample per class (per cfg scale)")
+    _common(p)
+
+    p = sub.add_parser("compute-latent-stats", help="measure vq_mean / vq_std and write them into config.json")
+    p.add_argument("--tokenizer", required=True, help="tokenizer serving folder")
+    p.add_argument("--data", default="tiny-train")
+    p.add_argument("--n", type=int, default=10000)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--dry-run", action="store_true", help="print, do not write")
+    _common(p)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--cache", default="runs/cache", help="folder for cached real-image Inception features")
+    p.add_argument("--out", help="also write the JSON result here")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.command == "eval-tokenizer":
+        model = load_tokenizer(args.model, args.taef2_weights)
+        res = eval_tokenizer(model, data=args.data, n=args.n, batch_size=args.batch_size, cache_dir=args.cache,
+                             fid=not args.no_fid)
+        return emit({"model": args.model, **res}, args.out)
+    if args.command == "eval-generator":
+        res = eval_generator(args.model, tokenizer=args.tokenizer, per_class=args.per_class,
+                             cfg_scales=tuple(args.cfg or [1.0]), steps=args.steps, sampler=args.sampler,
+                             ref=args.ref, ref_n=args.ref_n, floor_n=args.floor_n, cache_dir=args.cache,
+                             grid=args.grid, batch_size=args.batch_size)
+        return emit(res, args.out)
+    if args.command == "compute-latent-stats":
+        return emit(compute_latent_stats(args.tokenizer, data=args.data, n=args.n, batch_size=args.batch_size,
+                                         num_classes=args.num_classes, write=not args.dry_run), args.out)
+    raise SystemExit(f"unknown command {args.command}")

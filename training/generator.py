@@ -1,0 +1,144 @@
+"""Generator training (SiT flow matching or DiT diffusion) on a tokenizer's normalised latents.
+
+``train_generator(cfg)``:
+1. encodes the training images once into a cache (``<out_dir>/latents.pt`` unless ``latent_cache`` is set),
+   keyed by the tokenizer weights and the data selection;
+2. when the tokenizer config still has the identity ``vq_mean`` / ``vq_std``, measures them on (up to
+   ``stats_images`` of) those latents and writes them into the tokenizer's ``config.json``;
+3. trains the generator on ``(z - vq_mean) / vq_std`` with class dropout (labels replaced by the null class
+   ``num_classes`` with probability ``class_dropout``), EMA, the shared schedule, checkpoints and grids;
+4. exports ``<out_dir>/export`` (fp16) with ``trained_classes`` = the labels seen and ``tokenizer`` set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import models
+from models.sampling import SampleRequest, get_sampler, run_to_completion
+from models.sampling.diffusion import create_diffusion
+from training.config import GeneratorTrainConfig
+from training.data import EpochSampler, ImageSet, to_uint8
+from training.latents import (
+    LatentStats,
+    encode_cached,
+    has_latent_stats,
+    weights_fingerprint,
+    write_latent_stats,
+)
+from training.objectives import diffusion_loss, flow_matching_loss, sample_time
+from training.plots import plot_losses, save_grid
+from training.tokenizer import load_training_images
+from training.trainer import Trainer, setup_run
+
+
+def family(model: nn.Module) -> str:
+    return getattr(model.config, "family", "sit")
+
+
+def build_generator(cfg: GeneratorTrainConfig, trained_classes: list[int], tokenizer_ref: str) -> nn.Module:
+    overrides = {"trained_classes": tuple(trained_classes), "tokenizer": tokenizer_ref, **cfg.model_overrides}
+    if cfg.init_from:
+        model = models.load_pretrained(cfg.init_from).float()
+        model.config = dataclasses.replace(model.config, **overrides)
+        return model
+    return models.create_model(cfg.model, **overrides)
+
+
+def prepare_latents(cfg: GeneratorTrainConfig, tokenizer: nn.Module, device: torch.device) -> ImageSet:
+    """Encode the training images once (cached raw tokens); when the tokenizer config still has the identity
+    ``vq_mean`` / ``vq_std``, measure them on (up to ``stats_images`` of) those tokens and write them into the
+    tokenizer folder's ``config.json``."""
+    images = load_training_images(cfg)
+    d = cfg.data
+    key = json.dumps([weights_fingerprint(cfg.tokenizer), d.train, d.num_classes, d.classes, d.max_images,
+                      d.image_size, cfg.encode_flip])
+    cache = Path(cfg.latent_cache or Path(cfg.run.out_dir) / "latents.pt")
+    latents = encode_cached(tokenizer, images, cache, key=key, batch_size=cfg.encode_batch_size,
+                            flip=cfg.encode_flip, device=device)
+    if not has_latent_stats(tokenizer):
+        stats = LatentStats.of(latents.images[: cfg.stats_images].float())
+        write_latent_stats(cfg.tokenizer, stats)
+        tokenizer.config = dataclasses.replace(tokenizer.config, vq_mean=stats.vq_mean, vq_std=stats.vq_std)
+        print(f"latent stats written to {cfg.tokenizer}: {stats}", flush=True)
+    return latents
+
+
+@torch.no_grad()
+def sample_grid(generator: nn.Module, tokenizer: nn.Module, classes: list[int], path: Path, *, per_class: int,
+                steps: int, cfg_scale: float, sampler_name: str, seed: int = 0) -> Path:
+    """One row per class of ``per_class`` samples, decoded by the tokenizer, as PNG."""
+    generator.eval()
+    g = generator.config
+    sampler = get_sampler(sampler_name, generator)
+    reqs = [SampleRequest(class_id=c, seed=seed + i, steps=steps, cfg_scale=cfg_scale, sampler=sampler_name,
+                          path_type=getattr(g, "path_type", "linear"))
+            for c in classes for i in range(per_class)]
+    lat = run_to_completion(sampler, generator, reqs, (g.num_tokens, g.token_dim)).float()
+    images = to_uint8(tokenizer.decode(tokenizer.denormalize_latents(lat)))
+    return save_grid(images, path, nrow=per_class, scale=2)
+
+
+def train_generator(cfg: GeneratorTrainConfig) -> Path:
+    run = cfg.run
+    device = setup_run(run)
+    tokenizer = models.load_pretrained(cfg.tokenizer).float().to(device)
+    latents = prepare_latents(cfg, tokenizer, device)
+    trained = sorted(set(int(c) for c in latents.labels.tolist()))
+    model = build_generator(cfg, trained, cfg.tokenizer_ref or cfg.tokenizer).to(device)
+    gcfg = model.config
+    z_all = tokenizer.normalize_latents(latents.images.float())  # (N, L, C) normalised, float32
+    labels = latents.labels
+    if tuple(z_all.shape[1:]) != (gcfg.num_tokens, gcfg.token_dim):
+        raise ValueError(f"tokenizer latents {tuple(z_all.shape[1:])} do not fit generator "
+                         f"({gcfg.num_tokens}, {gcfg.token_dim})")
+    p_drop = gcfg.class_dropout_prob if cfg.class_dropout is None else cfg.class_dropout
+    fam = family(model)
+    diff = create_diffusion("", getattr(gcfg, "noise_schedule", "cosine")) if fam == "dit" else None
+
+    trainer = Trainer(cfg, model, run)
+    trainer.add_optimizer("model", model.parameters(), cfg.optim)
+    trainer.maybe_resume()
+    sampler = EpochSampler(len(z_all), run.batch_size, run.seed)
+    gen = torch.Generator()
+    print(f"generator {cfg.model} ({fam}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"{len(z_all)} latents of {len(trained)} classes, vq_mean={tokenizer.config.vq_mean:.5g} "
+          f"vq_std={tokenizer.config.vq_std:.5g}, z std after normalising {float(z_all.std()):.3f}, "
+          f"from step {trainer.step}", flush=True)
+
+    def step_fn(step: int) -> dict[str, float]:
+        gen.manual_seed(run.seed * 1_000_003 + step)
+        idx = sampler.indices(step)
+        x0, y = z_all[idx].to(device), labels[idx].to(device)
+        b = x0.shape[0]
+        drop = (torch.rand(b, generator=gen) < p_drop).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        with trainer.autocast():
+            if fam == "dit":
+                k = torch.randint(0, diff.num_steps, (b,), generator=gen).to(device)
+                terms = diffusion_loss(model, diff, x0, y, k, noise, gcfg.learn_sigma, cfg.learn_sigma_vlb, drop)
+            else:
+                t = sample_time(b, cfg.t_sampling, gen, cfg.t_lognormal, device)
+                terms = {"loss": flow_matching_loss(model, x0, y, t, noise, drop)}
+        out = {k: float(v.detach()) for k, v in terms.items()}
+        out["grad_norm"] = trainer.backward_step("model", terms["loss"])
+        return out
+
+    grid_classes = trained[:: max(1, len(trained) // 8)][:8]
+
+    def on_sample(step: int) -> None:
+        sample_grid(trainer.export_model, tokenizer, grid_classes, trainer.out / "samples" / f"samples_{step:06d}.png",
+                    per_class=4, steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg,
+                    sampler_name=cfg.sample_sampler or gcfg.sampler)
+        plot_losses(trainer.out / "metrics.jsonl", trainer.out / "loss.png")
+
+    trainer.fit(step_fn, batch_size=run.batch_size, on_sample=on_sample)
+    out = models.save_pretrained(trainer.export_model, trainer.out / "export", dtype=getattr(torch, run.export_dtype))
+    trainer.log({"event": "export", "path": str(out), "step": trainer.step,
+                 "stats": dataclasses.asdict(LatentStats(tokenizer.config.vq_mean, tokenizer.config.vq_std, 0))})
+    return out

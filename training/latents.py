@@ -1,0 +1,102 @@
+"""Tokenizer latents for generator training: statistics (``vq_mean`` / ``vq_std``) and a pre-encoded cache.
+
+The generator models normalised tokens ``(z - vq_mean) / vq_std``. Both scalars are measured once on
+training images (:func:`measure_latent_stats`) and written into the tokenizer's ``config.json``
+(:func:`write_latent_stats`) so that serving un-normalises with the same numbers. Encoding the training set
+once (:func:`encode_cached`) spares the CPU a tokenizer forward per generator step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from models.hub import CONFIG_NAME
+from training.data import ImageSet, to_float
+
+
+@torch.no_grad()
+def encode_images(tokenizer: nn.Module, images: torch.Tensor, batch_size: int = 64, *, flip: bool = False,
+                  device: torch.device | str = "cpu", log_every: int = 0) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> raw tokens (N, L, D) float32 (mirrored copies appended when ``flip``)."""
+    tokenizer.eval()
+    out = []
+    t0 = time.time()
+    src = torch.cat([images, images.flip(-1)]) if flip else images
+    for i in range(0, src.shape[0], batch_size):
+        out.append(tokenizer.encode(to_float(src[i : i + batch_size]).to(device)).float().cpu())
+        if log_every and (i // batch_size) % log_every == 0:
+            done = i + out[-1].shape[0]
+            rate = done / max(time.time() - t0, 1e-9)
+            print(f"encoded {done}/{src.shape[0]} ({rate:.1f} img/s)", flush=True)
+    return torch.cat(out)
+
+
+@dataclasses.dataclass
+class LatentStats:
+    """Scalar mean / std of all token values (the SoftVQ convention), over ``n`` images."""
+
+    vq_mean: float
+    vq_std: float
+    n: int
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor) -> LatentStats:
+        t = tokens.double()
+        return cls(float(t.mean()), float(t.std()), int(tokens.shape[0]))
+
+
+def measure_latent_stats(tokenizer: nn.Module, images: ImageSet, batch_size: int = 64,
+                         device: torch.device | str = "cpu") -> LatentStats:
+    return LatentStats.of(encode_images(tokenizer, images.images, batch_size, device=device))
+
+
+def write_latent_stats(folder: str | os.PathLike[str], stats: LatentStats) -> dict:
+    """Set ``vq_mean`` / ``vq_std`` in ``folder/config.json`` (other fields untouched); returns the config."""
+    path = Path(folder) / CONFIG_NAME
+    cfg = json.loads(path.read_text())
+    if "vq_mean" not in cfg or "vq_std" not in cfg:
+        raise ValueError(f"{path}: the tokenizer config has no vq_mean / vq_std fields")
+    cfg["vq_mean"], cfg["vq_std"] = stats.vq_mean, stats.vq_std
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return cfg
+
+
+def has_latent_stats(tokenizer: nn.Module) -> bool:
+    """False while the config still holds the identity defaults (mean 0, std 1)."""
+    cfg = tokenizer.config
+    return not (getattr(cfg, "vq_mean", 0.0) == 0.0 and getattr(cfg, "vq_std", 1.0) == 1.0)
+
+
+def weights_fingerprint(folder: str | os.PathLike[str]) -> str:
+    """Short hash of a serving folder's weight files (sizes + mtimes), naming a latent cache."""
+    h = hashlib.sha1()
+    for p in sorted(Path(folder).glob("*.safetensors")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def encode_cached(tokenizer: nn.Module, images: ImageSet, cache: str | os.PathLike[str], *, key: str,
+                  batch_size: int = 64, flip: bool = False, device: torch.device | str = "cpu") -> ImageSet:
+    """Raw tokens (N, L, D) float16 and labels for ``images``, read from ``cache`` when its key matches,
+    else encoded and written there. The returned ``ImageSet.images`` holds the tokens."""
+    cache = Path(cache)
+    if cache.exists():
+        d = torch.load(cache, weights_only=True)
+        if d.get("key") == key:
+            return ImageSet(d["tokens"], d["labels"])
+    tokens = encode_images(tokenizer, images.images, batch_size, flip=flip, device=device, log_every=20)
+    labels = torch.cat([images.labels, images.labels]) if flip else images.labels
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    torch.save({"key": key, "tokens": tokens.half(), "labels": labels}, tmp)
+    os.replace(tmp, cache)
+    return ImageSet(tokens.half(), labels)

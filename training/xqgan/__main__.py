@@ -1,0 +1,54 @@
+"""``python -m training.xqgan CONFIG.toml [--check] [section.key=value ...]``: train an XQ-GAN tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from training.xqgan.config import ConfigError, check_model, load_config, parse_config, to_dict
+
+
+def _override(doc: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not section.key=value")
+    path, text = item.split("=", 1)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    *parents, last = path.strip().split(".")
+    node = doc
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.xqgan", description=__doc__)
+    ap.add_argument("config", help="TOML file (see configs/xqgan/)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value (values parsed as JSON)")
+    ap.add_argument("--check", action="store_true", help="validate the config against its model and exit")
+    args = ap.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config)
+        if args.overrides:
+            doc = to_dict(cfg)
+            for item in args.overrides:
+                _override(doc, item)
+            cfg = parse_config(doc)
+        mcfg = check_model(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"ok: {type(mcfg).__name__} {json.dumps(to_dict(cfg)['model'])}")
+        return 0
+    from training.xqgan.train import train_xqgan
+
+    print(train_xqgan(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
