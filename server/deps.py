@@ -36,11 +36,16 @@ def require_api_key(state: StateDep, authorization: Annotated[str | None, Header
 
 
 class RequestOptions:
-    """Per-request options from headers: deadline (``x-deadline-ms``), ``Idempotency-Key``, request id."""
+    """Per-request options from headers: deadline (``x-deadline-ms``), priority (``x-priority``, higher runs
+    sooner), ``Idempotency-Key``, request id."""
 
     def __init__(self, request: Request, state: StateDep,
                  x_deadline_ms: Annotated[str | None, Header()] = None,
+                 x_priority: Annotated[str | None, Header()] = None,
                  idempotency_key: Annotated[str | None, Header()] = None) -> None:
+        from server.jobs import parse_priority
+
+        self.priority = parse_priority(x_priority) if x_priority is not None else 0
         self.request_id: str = request.scope.get("state", {}).get("request_id", "")
         if x_deadline_ms is None:
             budget = state.settings.default_deadline_s

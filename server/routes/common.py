@@ -85,7 +85,7 @@ async def run_job(request: Request, state: AppState, opts: RequestOptions, model
     scope_state["model"] = model
     fp = fingerprint(payload.op, model, *fingerprint_parts) if opts.idempotency_key else None
     job = Job(model=model, payload=payload, request_id=opts.request_id, deadline=opts.deadline,
-              idempotency_key=opts.idempotency_key, fingerprint=fp)
+              priority=opts.priority, idempotency_key=opts.idempotency_key, fingerprint=fp)
     result = await queue.submit(job)
     scope_state["queue_ms"] = result.queue_ms
     scope_state["compute_ms"] = result.compute_ms

@@ -340,3 +340,12 @@ def test_openapi_documents_the_api(client: httpx.Client) -> None:
     assert {"EncodeJSONRequest", "DecodeJSONRequest", "GenerateParams", "GenerateResponse", "ModelsResponse",
             "ErrorResponse"} <= set(schemas)
     assert "429" in spec["paths"]["/v1/generate"]["post"]["responses"]
+
+
+def test_priority_header_on_synchronous_routes(client: httpx.Client) -> None:
+    ok = client.post("/v1/generate", json={"class": 207, "seed": 1, "steps": 2}, headers={"x-priority": "50"})
+    assert ok.status_code == 200, ok.text
+    for bad in ("high", "1000"):
+        r = client.post("/v1/generate", json={"class": 207, "seed": 1, "steps": 2}, headers={"x-priority": bad})
+        assert r.status_code == 422, r.text
+        assert "priority" in r.json()["error"]["message"]
