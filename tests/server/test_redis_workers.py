@@ -204,7 +204,9 @@ def test_stopping_worker_hands_its_job_back(stack: Stack) -> None:
     assert b"handed back" in b"".join(f[b"data"] for f in events if f[b"type"] == b"queued")
     print(f"\nhand-back: the stopping worker exited {exited:.1f} s after SIGTERM; the other worker ran the job "
           f"{moved:.1f} s after SIGTERM, on delivery 1 (handed back, not reclaimed)")
-    assert moved < RECLAIM_S + 5.0
+    # Handed back, the job is free the moment the holder exits; a reclaim would wait RECLAIM_S more. The
+    # holder's own exit time depends on machine load, so measure from it.
+    assert moved - exited < RECLAIM_S
     assert httpx.post(f"{url}/v1/jobs/{job_id}/cancel", timeout=30).json()["status"] == "cancelled"
     assert "handing the rest back" in holder.log()
 
