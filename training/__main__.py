@@ -1,7 +1,7 @@
 """Command line: ``python -m training <command> ...`` (see training/README.md).
 
 Commands: ``tokenizer``, ``generator`` (train), ``eval-tokenizer``, ``eval-generator``, ``compute-latent-stats``,
-``configs`` (list the named training configurations).
+``figures`` (the README's reconstruction and sample grids), ``configs`` (list the named training configurations).
 """
 
 from __future__ import annotations
@@ -54,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_train(sub, "tokenizer", "tokenizer-default", "train a tokenizer")
     _add_train(sub, "generator", "generator-default", "train a generator on a tokenizer's latents")
     sub.add_parser("configs", help="list the named training configurations")
+    p = sub.add_parser("figures", help="write reconstructions.png and samples.png (the README figures)")
+    p.add_argument("--tokenizer", default="weights/default/tokenizer")
+    p.add_argument("--generator", default="weights/default/generator", help="'' to skip the sample grid")
+    p.add_argument("--out", default="docs")
+    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--threads", type=int, default=0)
 
     from training import evaluate
 
@@ -63,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "configs":
         for name, fn in sorted(C.NAMED.items()):
             print(f"{name:22s} {(fn.__doc__ or '').strip()}")
+        return 0
+    if args.command == "figures":
+        import torch
+
+        from training.figures import write_figures
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for path in write_figures(args.tokenizer, args.generator or None, args.out, cfg_scale=args.cfg,
+                                  steps=args.steps, sampler=args.sampler):
+            print(path)
         return 0
     if args.command == "tokenizer":
         from training.tokenizer import train_tokenizer

@@ -18,6 +18,7 @@ images are cached under ``--cache`` (default ``runs/cache``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -61,14 +62,12 @@ def reconstruct(model: nn.Module, images: torch.Tensor, batch_size: int) -> torc
 def real_features(inception: InceptionFeatures, source: str, n: int, size: int, cache_dir: str | Path,
                   classes: list[int] | None = None) -> tuple[ImageSet, torch.Tensor]:
     """The first ``n`` images of ``source`` (optionally of ``classes``) and their Inception features,
-    cached on disk by (source, n, size, classes)."""
+    cached on disk under a hash of the image pixels."""
     images = load_images(source, size, classes=classes, max_images=n)
-    tag = f"{Path(str(source)).stem}_{size}px_{len(images)}" + (f"_{len(classes)}cls" if classes else "")
-    cache = Path(cache_dir) / f"inception_{tag}.pt"
+    digest = hashlib.sha1(images.images.numpy().tobytes()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"inception_{len(images)}x{size}px_{digest}.pt"
     if cache.exists():
-        feats = torch.load(cache, weights_only=True)
-        if feats.shape[0] == len(images):
-            return images, feats
+        return images, torch.load(cache, weights_only=True)
     feats = inception.features(images.images).float()
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, cache)

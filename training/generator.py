@@ -139,6 +139,7 @@ def train_generator(cfg: GeneratorTrainConfig) -> Path:
 
     trainer.fit(step_fn, batch_size=run.batch_size, on_sample=on_sample)
     out = models.save_pretrained(trainer.export_model, trainer.out / "export", dtype=getattr(torch, run.export_dtype))
-    trainer.log({"event": "export", "path": str(out), "step": trainer.step,
+    trainer.log({"event": "export", "path": str(out), "step": trainer.step, "images": trainer.images_seen,
+                 "elapsed_s": round(trainer.elapsed_now, 1), "cpu_s": round(trainer.cpu_now, 1),
                  "stats": dataclasses.asdict(LatentStats(tokenizer.config.vq_mean, tokenizer.config.vq_std, 0))})
     return out

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,9 @@ class FeatureStats:
 def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b))."""
     diff = a.mu - b.mu
-    covmean, _ = scipy.linalg.sqrtm(a.sigma @ b.sigma, disp=False)
+    with warnings.catch_warnings():  # a singular product (N < 2048 samples) is expected; handled below
+        warnings.simplefilter("ignore")
+        covmean = scipy.linalg.sqrtm(a.sigma @ b.sigma)
     if not np.isfinite(covmean).all():  # singular product: regularise as pytorch-fid does
         offset = np.eye(a.sigma.shape[0]) * eps
         covmean = scipy.linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))

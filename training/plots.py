@@ -54,7 +54,7 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path, keys: list[str] 
     rows = [r for r in read_metrics(metrics_path) if "step" in r and "event" not in r]
     if not rows:
         return None
-    skip = {"step", "lr", "img_per_s", "elapsed_s"}
+    skip = {"step", "lr", "img_per_s", "elapsed_s", "cpu_s"}
     names = keys or sorted({k for r in rows for k, v in r.items() if k not in skip and isinstance(v, (int, float))})
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), squeeze=False, sharex=True)
     for ax, name in zip(axes[:, 0], names, strict=True):

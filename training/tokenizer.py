@@ -164,7 +164,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
 def export_tokenizer(trainer: Trainer, cfg: TokenizerTrainConfig) -> Path:
     model = trainer.export_model
     note = (f"trained by tokserve `python -m training tokenizer` for {trainer.step} steps "
-            f"({trainer.images_seen} images, {trainer.elapsed_now / 60:.1f} min)")
+            f"({trainer.images_seen} images, {trainer.elapsed_now / 60:.1f} min {cfg.run.budget_clock}, "
+            f"{trainer.cpu_now / 60:.1f} CPU min)")
     fields = {f.name for f in dataclasses.fields(model.config)}
     updates = {}
     if "trained_on" in fields:
@@ -174,7 +175,8 @@ def export_tokenizer(trainer: Trainer, cfg: TokenizerTrainConfig) -> Path:
     model.config = dataclasses.replace(model.config, **updates)
     dtype = getattr(torch, cfg.run.export_dtype)
     out = models.save_pretrained(model, trainer.out / "export", dtype=dtype)
-    trainer.log({"event": "export", "path": str(out), "step": trainer.step})
+    trainer.log({"event": "export", "path": str(out), "step": trainer.step, "images": trainer.images_seen,
+                 "elapsed_s": round(trainer.elapsed_now, 1), "cpu_s": round(trainer.cpu_now, 1)})
     return out
 
 

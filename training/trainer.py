@@ -143,10 +143,15 @@ class Trainer:
         self.device = pick_device(run.device)
         self.optimizers: dict[str, tuple[torch.optim.Optimizer, OptimConfig]] = {}
         self.ema = EMA(model, run.ema_decay) if run.ema_decay > 0 else None
+        if run.budget_clock not in ("wall", "cpu"):
+            raise ValueError(f"run.budget_clock must be wall or cpu, not {run.budget_clock!r}")
+        self._clock = time.process_time if run.budget_clock == "cpu" else time.time
         self.step = 0
-        self.elapsed = 0.0  # training seconds over all sessions (resume included)
+        self.elapsed = 0.0  # training seconds (of run.budget_clock) over all sessions, resume included
+        self.cpu_elapsed = 0.0  # process CPU seconds over all sessions
         self.images_seen = 0
-        self._t0 = time.time()
+        self._t0 = self._clock()
+        self._cpu0 = time.process_time()
         self._last_ckpt_time = time.time()
 
     # ------------------------------------------------------------------------------------------- setup
@@ -172,7 +177,11 @@ class Trainer:
 
     @property
     def elapsed_now(self) -> float:
-        return self.elapsed + (time.time() - self._t0)
+        return self.elapsed + (self._clock() - self._t0)
+
+    @property
+    def cpu_now(self) -> float:
+        return self.cpu_elapsed + (time.process_time() - self._cpu0)
 
     def backward_step(self, name: str, loss: torch.Tensor, params=None) -> float:
         """Backward ``loss``, clip the gradients of optimizer ``name``, step it, zero its grads. Returns the
@@ -210,6 +219,7 @@ class Trainer:
         state = {
             "step": self.step,
             "elapsed": self.elapsed_now,
+            "cpu_elapsed": self.cpu_now,
             "images_seen": self.images_seen,
             "model": self.model.state_dict(),
             "model_config": config_to_dict(self.model),
@@ -239,9 +249,10 @@ class Trainer:
             o.load_state_dict(state["optimizers"][k])
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
+        self.cpu_elapsed = float(state.get("cpu_elapsed", 0.0))
         self.images_seen = int(state.get("images_seen", 0))
         torch.set_rng_state(state["torch_rng"])
-        self._t0 = time.time()
+        self._t0, self._cpu0 = self._clock(), time.process_time()
         self.log({"event": "resume", "step": self.step, "elapsed_s": round(self.elapsed, 1)})
         return True
 
@@ -288,7 +299,7 @@ class Trainer:
                     rate_steps = self.step / max(self.progress, 1e-9) - self.step  # steps left at this pace
                     eta = rate_steps * batch_size / max(ips, 1e-9)
                     self.log({"step": self.step, "lr": lr, "img_per_s": round(ips, 2),
-                              "elapsed_s": round(self.elapsed_now, 1), **{k: round(v, 6) for k, v in mean.items()}})
+                              "elapsed_s": round(self.elapsed_now, 1), "cpu_s": round(self.cpu_now, 1), **{k: round(v, 6) for k, v in mean.items()}})
                     bar.update(self.step, {"loss": mean.get("loss", float("nan")), "img/s": ips, "lr": lr}, eta)
                     window_t, window_n, acc, acc_n = time.time(), 0, {}, 0
                 if on_sample and (self.step % run.sample_every == 0):

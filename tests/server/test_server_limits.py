@@ -79,7 +79,9 @@ def test_overload_fast_429_while_admitted_requests_finish(limited: ThreadServer)
     rejected = [r for r in results if r[0] == 429]
     done = [r for r in results if r[0] == 200]
     assert len(rejected) + len(done) == 30, results
-    assert len(rejected) >= 15 and len(done) >= 3
+    # Only what the queue holds (capacity 2) is guaranteed admitted when all 30 land at once; one more may
+    # slip in when the worker has already taken a job off the queue.
+    assert len(rejected) >= 15 and len(done) >= 2
     assert all(ra == "2" for _, _, ra in rejected)
     assert max(t for _, t, _ in rejected) < 2.0  # refused at once, not after waiting
     assert max(t for _, t, _ in done) > max(t for _, t, _ in rejected)
