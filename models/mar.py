@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,8 @@ class MARConfig:
     ``diffloss_width`` size the per-token head. The last block of fields are defaults a server uses when a
     request leaves them out (``num_iter`` is the request's ``steps``).
     """
+
+    family: ClassVar[str] = "mar"
 
     num_tokens: int = 256
     token_dim: int = 16

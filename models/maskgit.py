@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,8 @@ class MaskGITConfig:
     them out: ``num_iter`` iterations, guidance ``cfg_scale`` with its ``cfg_schedule``, the sampling
     ``temperature`` of the logits and ``choice_temperature``, the scale of the Gumbel noise added to the
     confidences, annealed linearly to 0 over the iterations."""
+
+    family: ClassVar[str] = "maskgit"
 
     num_tokens: int = 130
     codebook_size: int = 4096

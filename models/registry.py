@@ -104,3 +104,12 @@ def _tuples(d: dict[str, Any]) -> dict[str, Any]:
 def _ensure_loaded() -> None:
     # Importing the package registers every family; done lazily so `models.registry` alone stays light.
     import models  # noqa: F401
+
+
+def class_for_config(config: Any) -> type[nn.Module]:
+    """The registered model class whose ``config_class`` is ``type(config)``."""
+    _ensure_loaded()
+    for cls in _CLASSES.values():
+        if type(config) is cls.config_class:  # type: ignore[attr-defined]
+            return cls
+    raise KeyError(f"no registered model class takes a {type(config).__name__}")

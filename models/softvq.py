@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
+from models.latent_norm import LatentNormMixin
 from models.layers.vit import ToPixel, VisionTransformer
 from models.quantizers.soft import KINDS, SoftQuantizerOutput, build_soft_quantizer
-from models.latent_norm import LatentNormMixin
 from models.registry import register_config, register_model_class
 
 # --------------------------------------------------------------------------------------------- config

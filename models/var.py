@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -49,6 +49,8 @@ class VARConfig:
     published models use ``width = 64 * depth`` and ``num_heads = depth``. Sampling defaults: the published
     ``cfg`` (guidance ramped as ``t = cfg * si / (S - 1)``), ``top_k`` and ``top_p`` (0 = off).
     """
+
+    family: ClassVar[str] = "var"
 
     depth: int = 16
     width: int = 1024

@@ -4,11 +4,13 @@
     python -m server.bench                                   # the configured models (TOKSERVE_MODELS / default)
     python -m server.bench --models softvq-tiny-64,sit-tiny-64x32 --steps 10
     python -m server.bench --url http://gpu-box:8000         # a running server, as it is configured
+    python -m server.bench --models softvq-tiny-64,sit-tiny-64x32,mar-tiny-64x32 --ops generate --generators all
 
 Without ``--url`` it starts ``python -m server`` twice on free ports (batching on, then off) with the same
 settings otherwise. Each measurement is closed-loop: ``c`` clients send requests back to back until
 ``--requests`` requests have completed; one request is one image. Real Tiny ImageNet JPEGs are used as
-encode inputs when ../shared/data is present, else random images.
+encode inputs when ../shared/data is present, else random images. ``--generators`` measures generate for
+several loaded generators (SiT, DiT, MAR, MaskGIT, VAR alike), each in its own table row.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ OPS = ("encode", "decode", "generate")
 class Workload:
     jpegs: list[bytes]
     tokens_npy: bytes
-    classes: list[int]
+    classes: dict[str, list[int]]  # generator -> its served classes
     steps: int | None
 
 
@@ -66,16 +68,19 @@ async def _prepare(client: Any, steps: int | None) -> Workload:
     r = await client.post("/v1/encode", content=jpegs[0], headers={"content-type": "image/jpeg",
                                                                     "accept": "application/x-npy"})
     r.raise_for_status()
-    gen = by.get(info["default_generator"] or "")
-    return Workload(jpegs, r.content, list(gen["classes"]) if gen else [], steps)
+    classes = {m["name"]: list(m["classes"]) for m in info["models"] if m["kind"] == "generator"}
+    return Workload(jpegs, r.content, classes, steps)
 
 
 def _request(op: str, w: Workload, i: int) -> dict[str, Any]:
+    """``op`` is encode, decode or generate:<generator>."""
     if op == "encode":
         return {"url": "/v1/encode", "content": w.jpegs[i % len(w.jpegs)], "headers": {"content-type": "image/jpeg"}}
     if op == "decode":
         return {"url": "/v1/decode", "content": w.tokens_npy, "headers": {"content-type": "application/x-npy"}}
-    body: dict[str, Any] = {"class": w.classes[i % len(w.classes)], "seed": i}
+    model = op.split(":", 1)[1]
+    classes = w.classes[model]
+    body: dict[str, Any] = {"model": model, "class": classes[i % len(classes)], "seed": i}
     if w.steps is not None:
         body["steps"] = w.steps
     return {"url": "/v1/generate", "json": body, "headers": {"accept": "image/png"}}
@@ -101,17 +106,27 @@ async def measure(url: str, op: str, concurrency: int, requests: int, w: Workloa
 
 
 async def run_all(url: str, ops: Sequence[str], concurrencies: Sequence[int], requests: dict[str, int],
-                  steps: int | None) -> dict[tuple[str, int], float]:
+                  steps: int | None, generators: str = "default") -> dict[tuple[str, int], float]:
+    """``generators``: ``default`` (the server's default generator), ``all``, or comma-separated names."""
     import httpx
 
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         w = await _prepare(client, steps)
+        default = (await client.get("/v1/models")).json()["default_generator"]
+    if generators == "default":
+        gens = [default] if default else []
+    elif generators == "all":
+        gens = list(w.classes)
+    else:
+        gens = [g for g in generators.split(",") if g]
+        unknown = sorted(set(gens) - set(w.classes))
+        if unknown:
+            raise SystemExit(f"not loaded: {unknown}; loaded generators: {sorted(w.classes)}")
+    expanded = [x for op in ops for x in ([f"generate:{g}" for g in gens] if op == "generate" else [op])]
     out = {}
-    for op in ops:
-        if op == "generate" and not w.classes:
-            continue
+    for op in expanded:
         for c in concurrencies:
-            out[(op, c)] = await measure(url, op, c, max(requests[op], c), w)
+            out[(op, c)] = await measure(url, op, c, max(requests[op.split(":")[0]], c), w)
             print(f"  {op:<9} c={c:<3} {out[(op, c)]:9.2f} images/s", file=sys.stderr, flush=True)
     return out
 
@@ -167,7 +182,7 @@ class LocalServer:
 def table(results: dict[str, dict[tuple[str, int], float]]) -> str:
     """A Markdown table: one row per (op, concurrency), one column per configuration, and the gain."""
     configs = list(results)
-    keys = sorted({k for r in results.values() for k in r}, key=lambda k: (OPS.index(k[0]), k[1]))
+    keys = sorted({k for r in results.values() for k in r}, key=lambda k: (OPS.index(k[0].split(":")[0]), k[0], k[1]))
     head = ["op", "concurrency"] + [f"{c} (img/s)" for c in configs]
     gain = len(configs) == 2
     if gain:
@@ -193,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--requests", type=int, default=64, help="requests per encode/decode measurement")
     p.add_argument("--generate-requests", type=int, default=32, help="requests per generate measurement")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the generator's)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: each generator's)")
+    p.add_argument("--generators", default="default",
+                   help="generators to measure: default, all, or comma-separated names")
     p.add_argument("--torch-threads", type=int)
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -201,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests = {"encode": args.requests, "decode": args.requests, "generate": args.generate_requests}
 
     def run(url: str) -> dict[tuple[str, int], float]:
-        return asyncio.run(run_all(url, ops, concurrencies, requests, args.steps))
+        return asyncio.run(run_all(url, ops, concurrencies, requests, args.steps, args.generators))
 
     results: dict[str, dict[tuple[str, int], float]] = {}
     if args.url:

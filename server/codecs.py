@@ -201,22 +201,27 @@ def tensor_from_safetensors(data: bytes, name: str = "tokens") -> torch.Tensor:
     raise InvalidValue(f"safetensors file must hold one tensor named {name!r}; it holds {sorted(tensors)}")
 
 
-def validate_tokens(tokens: np.ndarray | torch.Tensor, token_shape: tuple[int, int], *, model: str,
-                    max_rows: int) -> torch.Tensor:
-    """Check tokens against a tokenizer's (L, D) token shape: (B, L, D) or (L, D), floating, finite.
-    Returns (B, L, D) float32. Every problem raises InvalidValue (422) naming it."""
+def validate_tokens(tokens: np.ndarray | torch.Tensor, token_shape: tuple[int, ...], *, model: str,
+                    max_rows: int, codebook_size: int | None = None) -> torch.Tensor:
+    """Check tokens against a tokenizer's token shape: (B, *token_shape) or token_shape. Continuous
+    tokenizers (``codebook_size`` None): floating, finite; returns float32. Discrete ones: integer codes in
+    [0, codebook_size) (floats holding whole numbers, as JSON clients often send, are accepted); returns
+    int64. Every problem raises InvalidValue (422) naming it."""
     t = torch.from_numpy(np.ascontiguousarray(tokens)) if isinstance(tokens, np.ndarray) else tokens
     dtype = str(t.dtype).removeprefix("torch.")
-    if t.ndim == 2:
+    shape = tuple(token_shape)
+    if t.ndim == len(shape):
         t = t.unsqueeze(0)
-    L, D = token_shape
-    if t.ndim != 3 or tuple(t.shape[1:]) != (L, D):
-        raise InvalidValue(f"tokens of shape {tuple(tokens.shape)} do not fit {model}: expected (B, {L}, {D}) "
-                           f"or ({L}, {D})")
+    dims = ", ".join(map(str, shape))
+    if t.ndim != len(shape) + 1 or tuple(t.shape[1:]) != shape:
+        raise InvalidValue(f"tokens of shape {tuple(tokens.shape)} do not fit {model}: expected (B, {dims}) "
+                           f"or ({dims}{',' if len(shape) == 1 else ''})")
     if t.shape[0] < 1:
         raise InvalidValue("tokens have no rows (B = 0)")
     if t.shape[0] > max_rows:
         raise InvalidValue(f"{t.shape[0]} rows of tokens; at most {max_rows} per request")
+    if codebook_size is not None:
+        return _validate_codes(t, dtype, model, codebook_size)
     if not t.is_floating_point():
         raise InvalidValue(f"tokens of dtype {dtype} are not accepted by {model} (continuous tokens): send "
                            "float32 (float16, bfloat16 and float64 are converted)")
@@ -229,6 +234,26 @@ def validate_tokens(tokens: np.ndarray | torch.Tensor, token_shape: tuple[int, i
         parts = [f"{n} {what}" for n, what in ((n_nan, "NaN"), (n_inf, "infinite (or out of float32 range)"))
                  if n]
         raise InvalidValue(f"tokens contain {' and '.join(parts)} values (first at index {first})")
+    return t.contiguous()
+
+
+def _validate_codes(t: torch.Tensor, dtype: str, model: str, codebook_size: int) -> torch.Tensor:
+    if t.dtype == torch.bool or t.is_complex():
+        raise InvalidValue(f"codes of dtype {dtype} are not accepted by {model}: send integer codes (int64)")
+    if t.is_floating_point():
+        whole = torch.isfinite(t) & (t == torch.round(t))
+        if not bool(whole.all()):
+            first = tuple(int(i) for i in (~whole).nonzero()[0])
+            raise InvalidValue(f"{model} is a discrete tokenizer: codes must be integers, got a non-integer "
+                               f"value at index {first}")
+        if t.numel() and float(t.abs().max()) >= 2**53:
+            raise InvalidValue(f"codes must lie in [0, {codebook_size})")
+    t = t.to(torch.int64)
+    bad = (t < 0) | (t >= codebook_size)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise InvalidValue(f"codes must lie in [0, {codebook_size}) for {model}; {int(bad.sum())} do not "
+                           f"(first at index {first}: {int(t[first])})")
     return t.contiguous()
 
 

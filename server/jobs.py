@@ -113,7 +113,8 @@ async def _decode(body: dict[str, Any], state: AppState) -> Prepared:
         raise InvalidValue(f"format must be png, jpeg, webp or npy, got {fmt!r}")
     tensor = {k: body[k] for k in ("shape", "dtype", "data") if k in body}
     tokens = await state.codec(lambda: validate_tokens(tensor_from_json(tensor), spec.token_shape,
-                                                       model=spec.name, max_rows=s.max_images_per_request))
+                                                       model=spec.name, max_rows=s.max_images_per_request,
+                                                       codebook_size=spec.codebook_size))
     return Prepared("decode", spec.name, DecodePayload(tokens), fingerprint("decode", spec.name, fmt, tokens),
                     {"model": spec.name, "format": fmt})
 

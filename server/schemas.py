@@ -6,7 +6,7 @@ are these models. Tensors on the wire are :class:`TensorJSON` (flat row-major ``
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
@@ -20,7 +20,7 @@ class TensorJSON(BaseModel):
 
     shape: list[int] = Field(..., examples=[[1, 64, 32]])
     dtype: str = Field("float32", description="float32 (also float16, bfloat16, float64) or int64 codes")
-    data: list[float] = Field(..., description="flat row-major values")
+    data: list[float] | list[int] = Field(..., description="flat row-major values")
 
 
 class EncodeJSONRequest(BaseModel):
@@ -63,11 +63,14 @@ class GenerateParams(BaseModel):
         None, description="[low, high]: guidance is applied while low <= t <= high")
     guidance_low: float | None = Field(None, ge=0.0, le=1.0, description="query form of guidance_interval[0]")
     guidance_high: float | None = Field(None, ge=0.0, le=1.0, description="query form of guidance_interval[1]")
-    steps: int | None = Field(None, ge=1, description="denoising steps")
-    sampler: str | None = Field(None, description="SiT: euler, heun, sde; DiT: ddpm, ddim")
+    steps: int | None = Field(None, ge=1, description="denoising steps (MAR / MaskGIT: iterations; VAR: its "
+                                                      "number of scales, the only value it takes)")
+    sampler: str | None = Field(None, description="SiT: euler, heun, sde; DiT: ddpm, ddim; MAR: mar; "
+                                                  "MaskGIT: maskgit; VAR: var")
     seed: int | None = Field(None, ge=0, le=2**53, description="random when absent; always returned")
     format: ImageFormat | None = Field(None, description="png (default), jpeg or webp")
-    return_latents: bool = Field(False, description="also return the tokens (B, L, D), un-normalised")
+    return_latents: bool = Field(False, description="also return the tokens (B, L, D), un-normalised (integer "
+                                                    "codes for a discrete generator)")
     model: str | None = Field(None, description="generator name; default: the default generator")
 
 
@@ -96,8 +99,11 @@ class ModelInfo(BaseModel):
     kind: Literal["tokenizer", "generator"]
     family: str
     image_size: int
-    token_shape: tuple[int, int]
-    token_dtype: str
+    token_shape: list[int] = Field(..., description="one image's tokens: (L, D) latents, or the shape of its "
+                                   "integer codes for a discrete tokenizer and its generators")
+    token_dtype: str = Field(..., description="float32 (continuous latents) or int64 (discrete codes)")
+    code_structure: dict[str, Any] | None = Field(
+        None, description="discrete tokenizers: branches, scales, codebook_size, code_dim, shape, layout")
     tokenizer: str | None = Field(None, description="generators: the tokenizer that decodes them")
     classes: list[int] | None = Field(None, description="generators: the class ids served")
     num_classes: int | None = Field(None, description="generators: the null (unconditional) class id")

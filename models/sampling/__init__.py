@@ -4,7 +4,13 @@
 * SiT (flow matching, t = 1 noise -> 0 data): ``euler``, ``heun`` (ODE) and ``sde`` (Euler-Maruyama,
   ``linear`` or ``cosine`` path) in :mod:`models.sampling.flow`;
 * DiT (Gaussian diffusion, 1000 training steps, respaced): ``ddpm`` and ``ddim`` in
-  :mod:`models.sampling.diffusion`.
+  :mod:`models.sampling.diffusion`;
+* MAR (masked autoregression, per-token diffusion head): ``mar`` in :mod:`models.sampling.mar` (the model
+  is the module itself: ``backbone`` / ``head``);
+* MaskGIT (confidence-based iterative decoding of discrete codes): ``maskgit`` in
+  :mod:`models.sampling.maskgit` (the model: ``model(codes, labels) -> logits``);
+* VAR (next-scale prediction): ``var`` in :mod:`models.sampling.var` (the model: ``forward_scale``; the
+  sampler also needs the tokenizer, for ``next_scale_input``).
 
 Each exists as an official-recipe function over a whole batch and as a step sampler for the server's
 scheduler (:mod:`models.sampling.base`), with the same numbers.
@@ -22,7 +28,10 @@ from models.sampling.base import ModelFn, Row, SampleRequest, StepSampler, StepS
 from models.sampling.diffusion import DiffusionSampler, create_diffusion, ddim_sampler, ddpm_sampler
 from models.sampling.flow import FlowSampler, euler_maruyama_sampler, euler_sampler, score_from_velocity
 
-FAMILY_SAMPLERS = {"sit": ("euler", "heun", "sde"), "dit": ("ddpm", "ddim")}
+FAMILY_SAMPLERS = {"sit": ("euler", "heun", "sde"), "dit": ("ddpm", "ddim"), "mar": ("mar",), "maskgit": ("maskgit",),
+                   "var": ("var",)}
+# families whose samplers call the model as ``model_fn(x, t, y)``; the others take the module itself
+DENOISER_FAMILIES = ("sit", "dit")
 
 
 def _family_and_config(model: Any) -> tuple[str, Any]:
@@ -31,23 +40,42 @@ def _family_and_config(model: Any) -> tuple[str, Any]:
     cfg = getattr(model, "config", model)
     family = getattr(cfg, "family", "")
     if family not in FAMILY_SAMPLERS:
-        raise ValueError(f"cannot tell the generator family of {type(model).__name__}; pass 'sit' or 'dit'")
+        raise ValueError(f"cannot tell the generator family of {type(model).__name__}; pass one of "
+                         f"{sorted(FAMILY_SAMPLERS)}")
     return family, cfg
 
 
 def get_sampler(name: str, model: Any = "sit", **kwargs: Any) -> StepSampler:
     """The step sampler ``name`` for a generator family.
 
-    ``model`` is ``"sit"`` / ``"dit"``, a generator config (``SiTConfig`` / ``DiTConfig``) or a model with
-    ``.config``; a config supplies the null class (``num_classes``) and, for DiT, the noise schedule.
-    ``kwargs`` go to the sampler: :class:`FlowSampler` takes ``device``, ``null_class``, ``model_dtype``;
-    :class:`DiffusionSampler` takes ``device``, ``null_class``, ``noise_schedule``.
+    ``model`` is a family name (``"sit"``, ``"dit"``, ``"mar"``, ``"maskgit"``, ``"var"``), a generator config
+    or a model with ``.config``; a config supplies the null class and the family's defaults (DiT: the noise
+    schedule; MAR / MaskGIT / VAR: every sampling default, so for them a config is required). ``kwargs`` go
+    to the sampler: :class:`FlowSampler` takes ``device``, ``null_class``, ``model_dtype``;
+    :class:`DiffusionSampler` ``device``, ``null_class``, ``noise_schedule``; MAR ``device``, ``dtype``;
+    MaskGIT ``device``; VAR ``tokenizer`` (required), ``device``, ``dtype``.
     """
     family, cfg = _family_and_config(model)
     if family not in FAMILY_SAMPLERS:
         raise ValueError(f"unknown generator family {family!r}; expected one of {sorted(FAMILY_SAMPLERS)}")
     if name not in FAMILY_SAMPLERS[family]:
         raise ValueError(f"sampler {name!r} does not fit {family}; choose one of {FAMILY_SAMPLERS[family]}")
+    if family not in DENOISER_FAMILIES:
+        if cfg is None:
+            raise ValueError(f"a {family} sampler needs the generator's config, not just the family name")
+        if family == "mar":
+            from models.sampling.mar import MARSampler
+
+            return MARSampler.from_config(cfg, **kwargs)
+        if family == "maskgit":
+            from models.sampling.maskgit import MaskGITSampler
+
+            return MaskGITSampler.from_config(cfg, **kwargs)
+        from models.sampling.var import VARSampler
+
+        if "tokenizer" not in kwargs:
+            raise ValueError("a VAR sampler needs tokenizer= (the multi-scale tokenizer, for next_scale_input)")
+        return VARSampler.from_config(cfg, **kwargs)
     if cfg is not None:
         kwargs.setdefault("null_class", cfg.num_classes)
         if family == "dit":
@@ -58,6 +86,8 @@ def get_sampler(name: str, model: Any = "sit", **kwargs: Any) -> StepSampler:
 
 
 __all__ = [
+    "DENOISER_FAMILIES",
+    "FAMILY_SAMPLERS",
     "DiffusionSampler",
     "FlowSampler",
     "ModelFn",

@@ -41,7 +41,7 @@ import torch
 
 from models.mar import CFG_SCHEDULES
 from models.sampling.base import Row, SampleRequest, StepStats
-from models.sampling.diffusion import GaussianDiffusion, ddpm_update, create_diffusion
+from models.sampling.diffusion import GaussianDiffusion, create_diffusion, ddpm_update
 from models.sampling.guidance import guidance_active
 
 

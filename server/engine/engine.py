@@ -64,13 +64,15 @@ class Engine:
                 s = spec.image_size
                 rt.decode(rt.encode(torch.zeros(1, 3, s, s)))
             elif isinstance(rt, GeneratorRuntime):
-                from models.sampling import get_sampler
-
-                sampler = get_sampler(spec.defaults["sampler"], spec.config)
-                req = SampleRequest(class_id=spec.classes[0], seed=0, steps=2, cfg_scale=2.0,
-                                    sampler=spec.defaults["sampler"], path_type=spec.defaults["path_type"])
+                tok = self.runtimes[spec.tokenizer or ""]
+                assert isinstance(tok, TokenizerRuntime)
+                name = spec.defaults["sampler"]
+                sampler = rt.make_sampler(name, tok)
+                steps = int(spec.defaults["steps"]) if spec.family == "var" else 2  # VAR runs all its scales
+                req = SampleRequest(class_id=spec.classes[0], seed=0, steps=steps, cfg_scale=2.0, sampler=name,
+                                    path_type=spec.defaults["path_type"])
                 rows = [sampler.init_row(req, spec.token_shape)]
-                sampler.step(rt.model_fn, rows)
+                sampler.step(rt.sampler_model, rows)
 
     async def _supervise(self, loop: BatchLoop | GenerateLoop) -> None:
         """Run a loop; a bug that escapes it is logged, its jobs fail, and the loop restarts."""

@@ -4,7 +4,9 @@ interface (in-process or Redis alike) and running torch in the device thread.
 * :class:`BatchLoop`: encode or decode with dynamic batching (``Batcher``) and per-job failure isolation.
 * :class:`GenerateLoop`: step-level batching (``GenerationScheduler``): new jobs join at step boundaries
   (by priority, then deadline), cancelled / expired ones leave (their rows are freed at once), progress is
-  reported per step, finished rows are un-normalised and decoded together by the tokenizer.
+  reported per step, finished rows are un-normalised (continuous latents; codes pass as they are) and decoded
+  together by the tokenizer. SiT / DiT / MAR / MaskGIT / VAR all run this way: a step is a denoising step, a
+  MAR or MaskGIT iteration, or a VAR scale.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from models.sampling import get_sampler
 from models.sampling.base import StepSampler
 from server.engine.batching import Batcher, BatchPolicy, run_chunked, run_isolated
 from server.engine.runtime import DeviceThread, GeneratorRuntime, TokenizerRuntime
@@ -65,7 +66,7 @@ class BatchLoop:
         self.metrics = metrics
         self._fn = runtime.encode if op == "encode" else runtime.decode
         self._out = "tokens" if op == "encode" else "images"
-        self._tokens_per_row = runtime.spec.token_shape[0]
+        self._tokens_per_row = runtime.spec.tokens_per_image
 
     def _input(self, job: Job) -> torch.Tensor:
         p = job.payload
@@ -130,12 +131,12 @@ class GenerateLoop:
         self.policy = policy
         self.metrics = metrics
         self._samplers: dict[str, StepSampler] = {}
-        self.scheduler = GenerationScheduler(self._sampler, runtime.model_fn, runtime.spec.token_shape,
+        self.scheduler = GenerationScheduler(self._sampler, runtime.sampler_model, runtime.spec.token_shape,
                                              policy.max_rows, clock=clock)
 
     def _sampler(self, name: str) -> StepSampler:
         if name not in self._samplers:
-            self._samplers[name] = get_sampler(name, self.runtime.spec.config)
+            self._samplers[name] = self.runtime.make_sampler(name, self.tokenizer)
         return self._samplers[name]
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -213,4 +214,4 @@ class GenerateLoop:
             m.queue_seconds.labels("generate", self.model).observe(queue_s)
             m.compute_seconds.labels("generate", self.model).observe(now - started)
             m.images.labels("generate", self.model).inc(job.rows)
-            m.tokens.labels("generate", self.model).inc(job.rows * self.runtime.spec.token_shape[0])
+            m.tokens.labels("generate", self.model).inc(job.rows * self.runtime.spec.tokens_per_image)

@@ -75,12 +75,28 @@ class Runtime:
 
     @staticmethod
     def _out(y: torch.Tensor) -> torch.Tensor:
-        return y.float().cpu()
+        return (y.float() if y.is_floating_point() else y).cpu()
+
+
+def _torch_only(runtime: Runtime, what: str) -> None:
+    """Exported backends cover continuous tokenizers and SiT / DiT denoisers; others run eager torch."""
+    if runtime.backend != "torch":
+        log.warning("%s: the %s backend does not cover %s; running torch eager", runtime.spec.name,
+                    runtime.backend, what)
+        runtime.backend, runtime.name = "torch", "torch-eager"
 
 
 class TokenizerRuntime(Runtime):
+    """Continuous tokenizers: ``encode`` -> float tokens, ``decode(tokens)``. Discrete ones
+    (``spec.discrete``): ``encode`` -> int64 codes, ``decode(codes)`` is the module's ``decode_codes``."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.discrete = self.spec.discrete
+        if self.discrete:
+            _torch_only(self, "discrete tokenizers")
+            self._encode, self._decode = self.module.encode, self.module.decode_codes
+            return
         self._encode, self._decode = self.module.encode, self.module.decode
         if self.backend != "torch":
             from export.runtime import TokenizerRuntime as Exported
@@ -89,26 +105,59 @@ class TokenizerRuntime(Runtime):
             self._encode, self._decode = rt.encode, rt.decode
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float32 in [-1, 1] -> (B, L, D) float32 tokens."""
+        """(B, 3, H, W) float32 in [-1, 1] -> (B, L, D) float32 tokens, or (B, *code shape) int64 codes."""
         with torch.inference_mode():
             return self._out(self._encode(self._in(images)))
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) float32 tokens -> (B, 3, H, W) float32 images, unclamped."""
+        """(B, L, D) float32 tokens (or int64 codes) -> (B, 3, H, W) float32 images, unclamped."""
         with torch.inference_mode():
             return self._out(self._decode(self._in(tokens)))
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        """Generator latents (B, L, D) -> tokens: ``x * vq_std + vq_mean`` (float32)."""
+        """Generator output -> tokens: latents (B, L, D) ``x * vq_std + vq_mean`` (float32); codes as they are."""
+        if self.discrete:
+            return latents.long()
         cfg = self.spec.config
         return (latents.double() * cfg.vq_std + cfg.vq_mean).float()
 
 
+class _InferenceModule:
+    """A MAR / MaskGIT / VAR module for its step sampler: every call under ``torch.inference_mode``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode():
+            return self._module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._module, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with torch.inference_mode():
+                return attr(*args, **kwargs)
+
+        return call
+
+
 class GeneratorRuntime(Runtime):
+    """SiT / DiT: the samplers call :meth:`model_fn`. MAR / MaskGIT / VAR: their samplers call the module's
+    own methods (``backbone`` / ``head``, ``__call__``, ``forward_scale``) on the runtime's device and dtype,
+    through :attr:`sampler_model`."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        from models.sampling import DENOISER_FAMILIES
+
+        self.denoiser = self.spec.family in DENOISER_FAMILIES
         self._forward = self.module
-        if self.backend != "torch":
+        if not self.denoiser:
+            _torch_only(self, f"{self.spec.family} generators")
+        elif self.backend != "torch":
             from export.runtime import DenoiserRuntime
 
             self._forward = DenoiserRuntime.load(self.backend, self.module, self.device,
@@ -118,6 +167,27 @@ class GeneratorRuntime(Runtime):
         """The sampler's ``ModelFn``: x (N, L, C), t (N,), y (N,) int64 -> (N, L, C_out) float32 on CPU."""
         with torch.inference_mode():
             return self._out(self._forward(self._in(x), self._in(t), y.to(self.device)))
+
+    @property
+    def sampler_model(self) -> Any:
+        """What this family's step sampler takes as its model."""
+        return self.model_fn if self.denoiser else _InferenceModule(self.module)
+
+    def make_sampler(self, name: str, tokenizer: TokenizerRuntime | None = None) -> Any:
+        """The step sampler ``name`` for this generator on its device (VAR also needs its tokenizer)."""
+        from models.sampling import get_sampler
+
+        family = self.spec.family
+        kwargs: dict[str, Any] = {}
+        if family in ("mar", "var"):
+            kwargs = {"device": self.device, "dtype": self.dtype}
+        elif family == "maskgit":
+            kwargs = {"device": self.device}
+        if family == "var":
+            if tokenizer is None:
+                raise ValueError(f"{self.spec.name}: a VAR sampler needs its tokenizer")
+            kwargs["tokenizer"] = _InferenceModule(tokenizer.module)
+        return get_sampler(name, self.spec.config, **kwargs)
 
 
 def build_runtimes(specs: list[ModelSpec], settings: Settings) -> dict[str, Runtime]:

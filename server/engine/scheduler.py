@@ -1,4 +1,4 @@
-"""Step-level batching of denoising rows for one generator: pure Python + torch, no queue, no asyncio.
+"""Step-level batching of rows (denoising steps, MAR / MaskGIT iterations, VAR scales) for one generator: pure Python + torch, no queue, no asyncio.
 
 Each admitted job contributes one :class:`Row` per image (own seed, class, guidance scale and interval, step
 count). Rows wait until there is room (``max_rows`` running), then join the running batch of their sampler at
@@ -49,19 +49,20 @@ class StepOutcome:
 
 
 def _snapshot(rows: list[Row]) -> list[tuple[torch.Tensor, int, dict, torch.Tensor]]:
-    return [(r.x, r.step, dict(r.state), r.generator.get_state()) for r in rows]
+    return [(r.x.clone(), r.step, dict(r.state), r.generator.get_state()) for r in rows]
 
 
 def _restore(rows: list[Row], saved: list[tuple[torch.Tensor, int, dict, torch.Tensor]]) -> None:
-    """Put rows back as they were before a failed step (samplers replace ``x``, never write into it)."""
+    """Put rows back as they were before a failed step (``x`` is a copy: MAR and VAR write into it; the state
+    dict is shallow-copied, and samplers replace its values rather than mutate them)."""
     for r, (x, step, state, rng) in zip(rows, saved, strict=True):
         r.x, r.step, r.state = x, step, state
         r.generator.set_state(rng)
 
 
 class GenerationScheduler:
-    """``samplers(name)`` returns the StepSampler of a sampler name; ``model_fn`` is the generator's
-    forward; ``shape`` is a row's (L, C)."""
+    """``samplers(name)`` returns the StepSampler of a sampler name; ``model_fn`` is what the samplers call
+    (the generator's forward for SiT / DiT, the module for MAR / MaskGIT / VAR); ``shape`` is a row's shape."""
 
     def __init__(self, samplers: Callable[[str], StepSampler], model_fn: ModelFn, shape: tuple[int, int],
                  max_rows: int, clock: Callable[[], float] = time.perf_counter) -> None:

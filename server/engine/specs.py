@@ -6,6 +6,11 @@ A model entry of ``TOKSERVE_MODELS`` is a registry name (random weights, determi
 ``<parent>-<base>`` for the generic ``tokenizer`` / ``generator`` folders (``weights/default/tokenizer`` is
 ``default-tokenizer``). A generator is paired with the tokenizer its config names, else with the only loaded
 tokenizer whose token shape matches.
+
+Continuous tokenizers (SoftVQ, TAEF2, KL-16) have float tokens of shape (L, D); discrete ones (CODA,
+ImageFolder / XQ-GAN, XQ-GAN CNN) have int64 codes of their own shape ((L,), (G, L), (L, Q, G)), described by
+``code_structure`` (branches, scales, codebook size, layout) in ``/v1/models``. Generators: SiT / DiT / MAR
+make continuous latents of their tokenizer's (L, D); MaskGIT makes (L,) codes and VAR (G, L) codes.
 """
 
 from __future__ import annotations
@@ -36,12 +41,29 @@ class ModelSpec:
     random_weights: bool
     config: Any
     image_size: int
-    token_shape: tuple[int, int]
+    token_shape: tuple[int, ...]
+    token_dtype: str = "float32"  # int64 for discrete tokenizers and the generators of their codes
+    code_structure: dict[str, Any] | None = None  # discrete tokenizers: branches, scales, codebook, layout
     tokenizer: str | None = None
     classes: tuple[int, ...] = ()
     num_classes: int | None = None
     samplers: tuple[str, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def discrete(self) -> bool:
+        return self.token_dtype == "int64"
+
+    @property
+    def codebook_size(self) -> int | None:
+        return None if self.code_structure is None else int(self.code_structure["codebook_size"])
+
+    @property
+    def tokens_per_image(self) -> int:
+        """For the tokens metric: L latent tokens, or every code of a discrete image (G * L ...)."""
+        import math
+
+        return math.prod(self.token_shape) if self.discrete else self.token_shape[0]
 
     @property
     def registry_name(self) -> str | None:
@@ -113,24 +135,70 @@ def _read(entry: str) -> tuple[str, str, bool, Any]:
                      f"(known: {', '.join(list_models())})")
 
 
+def _generator_token_shape(cfg: Any) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype) of one image's generator output: latents (L, D) or codes (L,) / (G, L)."""
+    if cfg.family == "maskgit":
+        return (cfg.num_tokens,), "int64"
+    if cfg.family == "var":
+        return (cfg.num_branches, cfg.num_tokens), "int64"
+    return (cfg.num_tokens, cfg.token_dim), "float32"
+
+
+def _generator_defaults(cfg: Any) -> dict[str, Any]:
+    """Sampling defaults a request may override (``/v1/models``); family extras are informational."""
+    out: dict[str, Any] = {"sampler": cfg.sampler, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
+                           "guidance_interval": [getattr(cfg, "guidance_low", 0.0), getattr(cfg, "guidance_high", 1.0)],
+                           "path_type": getattr(cfg, "path_type", "linear")}
+    for extra in ("cfg_schedule", "temperature", "diffusion_steps", "choice_temperature", "top_k", "top_p"):
+        if hasattr(cfg, extra):
+            out[extra] = getattr(cfg, extra)
+    return out
+
+
+def _discrete_structure(cfg: Any) -> tuple[int, dict[str, Any]] | None:
+    """(image size, code structure) of a discrete tokenizer config, read from a weightless (meta) build;
+    None for other models."""
+    import torch
+
+    from models.registry import class_for_config
+
+    try:
+        cls = class_for_config(cfg)
+    except KeyError:
+        return None
+    if not hasattr(cls, "decode_codes"):
+        return None
+    with torch.device("meta"):
+        module = cls(cfg)
+    cs = module.code_structure
+    return int(module.image_size), dict(cs if isinstance(cs, dict) else cs.as_dict())
+
+
 def _spec(name: str, source: str, random_weights: bool, cfg: Any) -> ModelSpec:
     if hasattr(cfg, "num_classes") and hasattr(cfg, "family"):
         family = cfg.family
         if family not in FAMILY_SAMPLERS:
             raise ValueError(f"{name}: generator family {family!r} is not servable")
         classes = tuple(cfg.trained_classes) or tuple(range(cfg.num_classes))
-        defaults = {"sampler": cfg.sampler, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
-                    "guidance_interval": [cfg.guidance_low, cfg.guidance_high], "path_type": cfg.path_type}
+        shape, dtype = _generator_token_shape(cfg)
         return ModelSpec(name=name, kind="generator", family=family, source=source, random_weights=random_weights,
-                         config=cfg, image_size=0, token_shape=(cfg.num_tokens, cfg.token_dim),
+                         config=cfg, image_size=0, token_shape=shape, token_dtype=dtype,
                          tokenizer=cfg.tokenizer or None, classes=classes, num_classes=cfg.num_classes,
-                         samplers=FAMILY_SAMPLERS[family], defaults=defaults)
+                         samplers=FAMILY_SAMPLERS[family], defaults=_generator_defaults(cfg))
     if all(hasattr(cfg, a) for a in ("vq_mean", "vq_std", "num_tokens", "token_dim", "image_size")):
         family = type(cfg).__name__.lower().removesuffix("config")
         return ModelSpec(name=name, kind="tokenizer", family=family, source=source, random_weights=random_weights,
                          config=cfg, image_size=cfg.image_size, token_shape=(cfg.num_tokens, cfg.token_dim),
                          defaults={"preprocess": "center-crop"})
-    raise ValueError(f"{name}: {type(cfg).__name__} is not servable (need a 1-D tokenizer or SiT/DiT)")
+    discrete = _discrete_structure(cfg)
+    if discrete is not None:
+        image_size, cs = discrete
+        family = type(cfg).__name__.lower().removesuffix("config")
+        return ModelSpec(name=name, kind="tokenizer", family=family, source=source, random_weights=random_weights,
+                         config=cfg, image_size=image_size, token_shape=tuple(int(n) for n in cs["shape"]),
+                         token_dtype="int64", code_structure=cs, defaults={"preprocess": "center-crop"})
+    raise ValueError(f"{name}: {type(cfg).__name__} is not servable (need a tokenizer, continuous or discrete, "
+                     f"or a generator of {sorted(FAMILY_SAMPLERS)})")
 
 
 def _pair(gen: ModelSpec, tokenizers: list[ModelSpec]) -> ModelSpec:
@@ -138,7 +206,7 @@ def _pair(gen: ModelSpec, tokenizers: list[ModelSpec]) -> ModelSpec:
     if named:
         tok = named[0]
     else:
-        fits = [t for t in tokenizers if t.token_shape == gen.token_shape]
+        fits = [t for t in tokenizers if t.token_shape == gen.token_shape and t.token_dtype == gen.token_dtype]
         if len(fits) != 1:
             raise ValueError(f"generator {gen.name} needs tokenizer {gen.tokenizer!r} or exactly one loaded "
                              f"tokenizer with token shape {gen.token_shape}; loaded: "
@@ -147,9 +215,12 @@ def _pair(gen: ModelSpec, tokenizers: list[ModelSpec]) -> ModelSpec:
         if gen.tokenizer:
             log.warning("generator %s names tokenizer %r, which is not loaded: pairing it with %s (same token "
                         "shape %s)", gen.name, gen.tokenizer, tok.name, tok.token_shape)
-    if tok.token_shape != gen.token_shape:
-        raise ValueError(f"generator {gen.name} makes {gen.token_shape} tokens but {tok.name} decodes "
-                         f"{tok.token_shape}")
+    if tok.token_shape != gen.token_shape or tok.token_dtype != gen.token_dtype:
+        raise ValueError(f"generator {gen.name} makes {gen.token_shape} {gen.token_dtype} tokens but {tok.name} "
+                         f"decodes {tok.token_shape} {tok.token_dtype}")
+    if tok.discrete and int(gen.config.codebook_size) != tok.codebook_size:
+        raise ValueError(f"generator {gen.name} samples codes of {gen.config.codebook_size} values but {tok.name}'s "
+                         f"codebook has {tok.codebook_size}")
     return dataclasses.replace(gen, tokenizer=tok.name, image_size=tok.image_size)
 
 

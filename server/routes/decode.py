@@ -1,4 +1,4 @@
-"""POST /v1/decode (alias /decode): tokens (B, L, D) -> images."""
+"""POST /v1/decode (alias /decode): tokens (B, L, D), or integer codes of a discrete tokenizer -> images."""
 
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ async def decode(request: Request, state: StateDep, opts: OptionsDep,
                  model: Annotated[str | None, Query(description="tokenizer name")] = None,
                  format: Annotated[DecodeFormat | None, Query(description="png, jpeg, webp or npy")] = None,
                  ) -> Response:
-    """Decode tokens (B, L, D) or (L, D) given as a JSON tensor, ``.npy`` or safetensors (tensor ``tokens``).
+    """Decode tokens (B, L, D) or (L, D) given as a JSON tensor, ``.npy`` or safetensors (tensor ``tokens``);
+    for a discrete tokenizer, integer codes (B, *code shape) in [0, codebook size) (``GET /v1/models``).
     The format comes from ``format``, else ``Accept``, else PNG."""
     state.check_ready()
     s = state.settings
@@ -88,7 +89,8 @@ async def decode(request: Request, state: StateDep, opts: OptionsDep,
     if fmt not in ("png", "jpeg", "webp", "npy"):
         raise InvalidValue(f"format must be png, jpeg, webp or npy, got {fmt!r}")
     tokens = await state.codec(lambda: validate_tokens(_parse(kind, raw), spec.token_shape, model=spec.name,
-                                                       max_rows=s.max_images_per_request))
+                                                       max_rows=s.max_images_per_request,
+                                                       codebook_size=spec.codebook_size))
     result = await run_job(request, state, opts, spec.name, DecodePayload(tokens), (fmt, tokens))
     return await state.codec(_render, result.tensors["images"], fmt, spec.name, s)
 

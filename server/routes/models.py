@@ -15,7 +15,7 @@ def model_info(spec: ModelSpec, runtime: str) -> ModelInfo:
     gen = spec.kind == "generator"
     return ModelInfo(
         name=spec.name, kind=spec.kind, family=spec.family, image_size=spec.image_size,
-        token_shape=spec.token_shape, token_dtype="float32",
+        token_shape=list(spec.token_shape), token_dtype=spec.token_dtype, code_structure=spec.code_structure,
         tokenizer=spec.tokenizer if gen else None, classes=list(spec.classes) if gen else None,
         num_classes=spec.num_classes if gen else None, samplers=list(spec.samplers) if gen else None,
         defaults=spec.defaults, runtime=runtime, random_weights=spec.random_weights,

@@ -107,6 +107,7 @@ class ModelInfo:
     image_size: int | None = None
     token_shape: tuple[int, ...] | None = None
     token_dtype: str | None = None
+    code_structure: dict[str, Any] | None = None  # discrete tokenizers: branches, scales, codebook_size, layout
     tokenizer: str | None = None
     classes: list[int] | None = None
     num_classes: int | None = None
@@ -124,6 +125,7 @@ class ModelInfo:
             image_size=data.get("image_size"),
             token_shape=tuple(int(s) for s in shape) if shape is not None else None,
             token_dtype=data.get("token_dtype"),
+            code_structure=dict(data["code_structure"]) if data.get("code_structure") else None,
             tokenizer=data.get("tokenizer"),
             classes=list(data["classes"]) if data.get("classes") is not None else None,
             num_classes=data.get("num_classes"),
