@@ -98,6 +98,8 @@ def tokenizer_facts(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     image_size = getattr(model, "image_size", None) or getattr(cfg, "image_size", None)
     token_shape = getattr(model, "token_shape", None)
+    if token_shape is None and hasattr(cfg, "num_tokens") and hasattr(cfg, "token_dim"):
+        token_shape = (cfg.num_tokens, cfg.token_dim)  # e.g. TAEF2, KL-16: the shape lives on the config
     if image_size is None or token_shape is None:
         raise AttributeError(f"{type(model).__name__} must expose image_size and token_shape")
     return {

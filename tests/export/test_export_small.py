@@ -84,3 +84,21 @@ def test_random_weights_match_the_server(registry_model) -> None:
             torch.testing.assert_close(ours[k], served[k], rtol=0, atol=0, msg=k)
         assert float(ours["final_layer.linear.weight" if "sit" in name else "encoder.model.blocks.0.ls1.gamma"]
                      .abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("folder,extra", [("tokenizer", []), ("generator", ["--tokenizer", "weights/default/tokenizer"])])
+def test_export_the_shipped_default_folders(tmp_path, folder: str, extra: list[str]) -> None:
+    """The trained weights in weights/default (TAEF2 tokenizer, SiT generator) export and pass parity on
+    random and real inputs through ONNX Runtime (CPU) and TorchScript."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / folder
+    src = repo / "weights" / "default" / folder
+    assert main(["--model", str(src), "--out", str(out), *[str(repo / e) if e.startswith("weights/") else e
+                                                           for e in extra]]) == 0
+    meta = read_metadata(out)
+    assert {(r["runtime"], r["inputs"]) for r in meta.parity} == {
+        (fmt, inputs) for fmt in ("onnx", "torchscript") for inputs in ("random", "real")}
+    assert all(r["passed"] for r in meta.parity)
+    assert set(meta.parts) == ({"encoder", "decoder"} if folder == "tokenizer" else {"denoiser"})

@@ -1,5 +1,6 @@
 """Issue 5 over HTTP: the same requests served through each runtime (eager torch, TorchScript, ONNX Runtime
-on the CPU) give the same tokens, images and generated latents within the export parity tolerance."""
+on the CPU) give the same tokens, images and generated latents within the export parity tolerance, for the
+small registry models and for the shipped default models (weights/default)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from server_testkit import RunningServer, real_jpegs, start_server
+from server_testkit import REPO, TINY_MODELS, RunningServer, real_jpegs, start_server
 
 NPY = "application/x-npy"
 
@@ -39,9 +40,18 @@ def jpeg() -> bytes:
     return real_jpegs(1)[0][0]
 
 
+STACKS = {"tiny": TINY_MODELS,
+          "shipped": f"{REPO / 'weights/default/tokenizer'},{REPO / 'weights/default/generator'}"}
+
+
+@pytest.fixture(scope="module", params=sorted(STACKS))
+def stack(request: pytest.FixtureRequest) -> dict[str, str]:
+    return {"TOKSERVE_MODELS": STACKS[request.param]}
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, jpeg: bytes) -> dict[str, np.ndarray]:
-    server = start_server(tmp_path_factory.mktemp("rt-torch"))
+def reference(tmp_path_factory: pytest.TempPathFactory, jpeg: bytes, stack: dict[str, str]) -> dict[str, np.ndarray]:
+    server = start_server(tmp_path_factory.mktemp("rt-torch"), stack)
     try:
         return _calls(server.url, jpeg)
     finally:
@@ -49,10 +59,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory, jpeg: bytes) -> dict[str
 
 
 @pytest.fixture(params=["torchscript", "onnx"])
-def runtime_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def runtime_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                   stack: dict[str, str]) -> Iterator[RunningServer]:
     tmp = tmp_path_factory.mktemp(f"rt-{request.param}")
-    server = start_server(tmp, {"TOKSERVE_RUNTIME": request.param, "TOKSERVE_EXPORT_DIR": str(tmp / "exports")},
-                          ready_timeout=300.0)
+    server = start_server(tmp, {**stack, "TOKSERVE_RUNTIME": request.param,
+                                "TOKSERVE_EXPORT_DIR": str(tmp / "exports")}, ready_timeout=300.0)
     server.kind = request.param  # type: ignore[attr-defined]
     yield server
     server.stop()
