@@ -97,3 +97,28 @@ def test_bench_open_loop_sweep(live_server: LiveProcess, tmp_path: Path) -> None
     assert report["sweep"]["rates"] == [2.0, 4.0] and report["sweep"]["best_rate"] == 4.0
     assert all(r["ok"] == 8 for r in report["runs"])
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_bench_against_the_shipped_default_server(tmp_path: Path) -> None:
+    """`make serve`'s server (no TOKSERVE_MODELS: the shipped weights/default folders), a small bounded run."""
+    from client_testkit import compose_argv, free_port, start_process, wait_ready
+
+    port = free_port()
+    env: dict[str, str | None] = {"REDIS_URL": None, "TOKSERVE_REDIS_URL": None, "TOKSERVE_MODELS": None,
+                                  "TOKSERVE_API_KEYS": None, "TOKSERVE_DEVICE": "cpu", "TOKSERVE_TORCH_THREADS": "2"}
+    live = start_process(compose_argv("api", host="127.0.0.1", port=str(port)), env, tmp_path / "server.log",
+                         f"http://127.0.0.1:{port}")
+    try:
+        wait_ready(live)
+        out = tokserve(live, "bench", "--mode", "closed", "-c", "2", "-n", "8", "--warmup", "1",
+                       "--mix", "encode:1", "--mix", "decode:1", "--mix", "generate:1:class_id=207,steps=4",
+                       "-o", str(tmp_path), "--name", "default")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        report = json.loads((tmp_path / "default.json").read_text())
+        assert report["server_models"] == ["default-tokenizer", "default-generator"]
+        (run,) = report["runs"]
+        assert run["requests"] == 8 and run["ok"] == 8 and set(run["by_op"]) <= {"encode", "decode", "generate"}
+        with Image.open(tmp_path / "default.png") as im:
+            assert im.format == "PNG"
+    finally:
+        live.stop()
