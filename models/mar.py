@@ -29,14 +29,14 @@ from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
 from models.dit import TimestepEmbedder, timestep_frequencies
+from models.iterative import CFG_SCHEDULES, IterativeConfigMixin
 from models.registry import register_config, register_model_class
 
-CFG_SCHEDULES = ("linear", "constant")
 LN_EPS = 1e-6
 
 
 @dataclass(frozen=True)
-class MARConfig:
+class MARConfig(IterativeConfigMixin):
     """Architecture, training constants and sampling defaults of a MAR generator.
 
     ``num_tokens`` x ``token_dim`` is the latent shape (L, C) of the tokenizer named by ``tokenizer``; the
@@ -80,32 +80,13 @@ class MARConfig:
     guidance_high: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
-        if self.cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule {self.cfg_schedule!r} is not one of {CFG_SCHEDULES}")
+        self.check_common()
         if self.noise_schedule != "cosine":
             raise ValueError("MAR's head uses the cosine noise schedule")
         if not 2 <= self.diffusion_steps <= self.num_train_timesteps:
             raise ValueError(f"diffusion_steps must lie in [2, {self.num_train_timesteps}]")
-        if self.num_iter < 1 or self.num_tokens < 1 or self.buffer_size < 1:
-            raise ValueError("num_iter, num_tokens and buffer_size must be positive")
-        if any(not 0 <= c < self.num_classes for c in self.trained_classes):
-            raise ValueError(f"trained_classes must lie in [0, {self.num_classes})")
-
-    @property
-    def null_class(self) -> int:
-        """The label that selects the unconditional embedding (``fake_latent``)."""
-        return self.num_classes
-
-    @property
-    def steps(self) -> int:
-        """Generator-agnostic alias of ``num_iter`` (the server's ``steps``)."""
-        return self.num_iter
-
-    @property
-    def sampler(self) -> str:
-        return "mar"
+        if self.buffer_size < 1:
+            raise ValueError("buffer_size must be positive")
 
     @property
     def seq_len(self) -> int:

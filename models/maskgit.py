@@ -25,14 +25,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
+from models.iterative import CFG_SCHEDULES, IterativeConfigMixin
 from models.registry import register_config, register_model_class
 
-CFG_SCHEDULES = ("linear", "constant")
 LN_EPS = 1e-6
 
 
 @dataclass(frozen=True)
-class MaskGITConfig:
+class MaskGITConfig(IterativeConfigMixin):
     """Architecture and sampling defaults of a MaskGIT generator over ``num_tokens`` codes of
     ``codebook_size`` values (the tokenizer named by ``tokenizer``). ``trained_classes`` lists the ImageNet-1k
     ids the weights know (empty: all). The last fields are the defaults a server uses when a request leaves
@@ -61,35 +61,16 @@ class MaskGITConfig:
     choice_temperature: float = 4.5
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
-        if self.cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule {self.cfg_schedule!r} is not one of {CFG_SCHEDULES}")
-        if self.num_iter < 1 or self.num_tokens < 1 or self.codebook_size < 2:
-            raise ValueError("num_iter, num_tokens must be positive and codebook_size >= 2")
+        self.check_common()
+        if self.codebook_size < 2:
+            raise ValueError("codebook_size must be >= 2")
         if self.temperature <= 0 or self.choice_temperature < 0:
             raise ValueError("temperature must be > 0 and choice_temperature >= 0")
-        if any(not 0 <= c < self.num_classes for c in self.trained_classes):
-            raise ValueError(f"trained_classes must lie in [0, {self.num_classes})")
 
     @property
     def mask_token_id(self) -> int:
         """The input id of a masked position (one past the codebook)."""
         return self.codebook_size
-
-    @property
-    def null_class(self) -> int:
-        """The label of the unconditional embedding."""
-        return self.num_classes
-
-    @property
-    def steps(self) -> int:
-        """Generator-agnostic alias of ``num_iter`` (the server's ``steps``)."""
-        return self.num_iter
-
-    @property
-    def sampler(self) -> str:
-        return "maskgit"
 
 
 @register_model_class

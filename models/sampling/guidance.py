@@ -6,8 +6,9 @@ One model forward evaluates all rows conditionally and, appended after them, an 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -65,3 +66,23 @@ def guided_forward(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, y: torch
         stats.model_rows += xin.shape[0]
         stats.uncond_rows += index.numel()
     return GuidedOutput(out[:n], out[n:], index)
+
+
+def append_unconditional(guided: Sequence[int], null_class: int, labels: torch.Tensor,
+                         *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``([labels; null], [x; x[guided]] for x in inputs)``: the batch of a guided forward whose model
+    takes labels and per-row inputs but no time (MAR's transformer, MaskGIT). ``guided``: row indices."""
+    if not guided:
+        return (labels, *inputs)
+    gi = torch.tensor(list(guided), dtype=torch.long, device=labels.device)
+    null = torch.full((len(guided),), null_class, dtype=labels.dtype, device=labels.device)
+    return (torch.cat([labels, null]), *(torch.cat([x, x[gi]]) for x in inputs))
+
+
+def plan_step(rows: Sequence[Any], plan: Callable[[Any], Any]) -> tuple[list[Any], list[int]]:
+    """The prologue of an iterative sampler's step: refuse finished rows, plan each row's iteration
+    (``plan(row)`` returns an object with a ``guided`` flag), and list the guided rows' indices."""
+    if any(r.done for r in rows):
+        raise ValueError("step() got a finished row")
+    plans = [plan(r) for r in rows]
+    return plans, [i for i, p in enumerate(plans) if p.guided]

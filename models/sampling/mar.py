@@ -42,7 +42,7 @@ import torch
 from models.mar import CFG_SCHEDULES
 from models.sampling.base import Row, SampleRequest, StepStats
 from models.sampling.diffusion import GaussianDiffusion, create_diffusion, ddpm_update
-from models.sampling.guidance import guidance_active
+from models.sampling.guidance import append_unconditional, guidance_active, plan_step
 
 
 class MARModel(Protocol):
@@ -194,22 +194,13 @@ class MARSampler:
         stats = MARStepStats(rows=len(rows))
         if not rows:
             return stats
-        if any(r.done for r in rows):
-            raise ValueError("step() got a finished row")
-        dev = rows[0].x.device
-        plans = [self._plan(r) for r in rows]
-        n = len(rows)
-        gidx = [i for i, p in enumerate(plans) if p.guided]
+        plans, gidx = plan_step(rows, self._plan)
+        dev, n = rows[0].x.device, len(rows)
 
         # 1. the transformer: all rows, then unconditional copies of the guided ones
-        tokens = torch.stack([r.x for r in rows]).to(self.dtype)
-        masks = torch.stack([r.state["mask"] for r in rows])
-        labels = torch.tensor([r.request.class_id for r in rows], dtype=torch.long, device=dev)
-        if gidx:
-            gi = torch.tensor(gidx, dtype=torch.long, device=dev)
-            tokens, masks = torch.cat([tokens, tokens[gi]]), torch.cat([masks, masks[gi]])
-            null = torch.full((len(gidx),), self.null_class, dtype=torch.long, device=dev)
-            labels = torch.cat([labels, null])
+        labels, tokens, masks = append_unconditional(
+            gidx, self.null_class, torch.tensor([r.request.class_id for r in rows], dtype=torch.long, device=dev),
+            torch.stack([r.x for r in rows]).to(self.dtype), torch.stack([r.state["mask"] for r in rows]))
         z = model.backbone(tokens, masks, labels)
         stats.forwards, stats.model_rows, stats.uncond_rows = 1, tokens.shape[0], len(gidx)
 

@@ -30,7 +30,7 @@ import torch
 
 from models.maskgit import CFG_SCHEDULES
 from models.sampling.base import Row, SampleRequest, StepStats
-from models.sampling.guidance import guidance_active
+from models.sampling.guidance import append_unconditional, guidance_active, plan_step
 from models.sampling.mar import cfg_at, masked_count
 
 
@@ -138,27 +138,20 @@ class MaskGITSampler:
         stats = StepStats(rows=len(rows))
         if not rows:
             return stats
-        if any(r.done for r in rows):
-            raise ValueError("step() got a finished row")
-        dev = rows[0].x.device
-        plans = [self._plan(r) for r in rows]
-        n = len(rows)
-        gidx = [i for i, p in enumerate(plans) if p.guided]
+        plans, gidx = plan_step(rows, self._plan)
+        dev, n = rows[0].x.device, len(rows)
 
         codes = torch.stack([r.x for r in rows])  # (N, L)
-        labels = torch.tensor([r.request.class_id for r in rows], dtype=torch.long, device=dev)
-        if gidx:
-            gi = torch.tensor(gidx, dtype=torch.long, device=dev)
-            null = torch.full((len(gidx),), self.null_class, dtype=torch.long, device=dev)
-            logits = model(torch.cat([codes, codes[gi]]), torch.cat([labels, null]))
-        else:
-            logits = model(codes, labels)
+        labels, codes_in = append_unconditional(
+            gidx, self.null_class, torch.tensor([r.request.class_id for r in rows], dtype=torch.long, device=dev),
+            codes)
+        logits = model(codes_in, labels)
         stats.forwards, stats.model_rows, stats.uncond_rows = 1, logits.shape[0], len(gidx)
         logits = logits.double()
         cond = logits[:n]
         if gidx:
             w = torch.tensor([plans[i].cfg for i in gidx], dtype=torch.float64, device=dev)[:, None, None]
-            u = logits[n:]
+            u, gi = logits[n:], torch.tensor(gidx, dtype=torch.long, device=dev)
             cond = cond.clone()
             cond[gi] = u + w * (cond[gi] - u)
 
