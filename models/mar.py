@@ -76,6 +76,9 @@ class MARConfig(IterativeConfigMixin):
     cfg_schedule: str = "linear"
     temperature: float = 1.0
     diffusion_steps: int = 100
+    clip_x0: float = 0.0  # > 0: clamp the head's predicted clean token to [-clip_x0, clip_x0] while sampling
+    #                       (0 = off, as published; small CPU-trained heads need it: their first respaced step
+    #                       amplifies eps error ~600x at t = 999)
     guidance_low: float = 0.0
     guidance_high: float = 1.0
 
@@ -87,6 +90,8 @@ class MARConfig(IterativeConfigMixin):
             raise ValueError(f"diffusion_steps must lie in [2, {self.num_train_timesteps}]")
         if self.buffer_size < 1:
             raise ValueError("buffer_size must be positive")
+        if self.clip_x0 < 0:
+            raise ValueError("clip_x0 must be >= 0 (0 = off)")
 
     @property
     def seq_len(self) -> int:

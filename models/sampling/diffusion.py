@@ -148,11 +148,16 @@ def _check_steps(num_steps: int) -> None:
 
 
 def ddpm_update(diff: GaussianDiffusion, method: str, x: torch.Tensor, k: torch.Tensor, eps: torch.Tensor,
-            var_values: torch.Tensor, noise: torch.Tensor | None, eta: float = 0.0) -> torch.Tensor:
+            var_values: torch.Tensor, noise: torch.Tensor | None, eta: float = 0.0,
+            clip_x0: float = 0.0) -> torch.Tensor:
     """One reverse step from respaced steps k (N,) of x (N, L, C) float32, given the (guided) eps and the
-    variance interpolation values (N, L, C). ``noise`` None means "no noise term" (the last step)."""
+    variance interpolation values (N, L, C). ``noise`` None means "no noise term" (the last step).
+    ``clip_x0`` > 0 clamps the predicted clean sample to [-clip_x0, clip_x0] (0: off, the published DiT/MAR
+    behaviour)."""
     c = diff.coef
     pred_x0 = c("sqrt_recip_alphas_cumprod", k) * x - c("sqrt_recipm1_alphas_cumprod", k) * eps
+    if clip_x0 > 0:
+        pred_x0 = pred_x0.clamp(-clip_x0, clip_x0)
     nonzero = (k != 0).float().view(-1, 1, 1)
     if method == "ddpm":
         min_log = c("posterior_log_variance_clipped", k)

@@ -17,7 +17,8 @@ Recipe (``../shared/reference/FORMATS-MAR-XQV.md`` 1.5-1.6): at iteration s of n
 rest of the previously masked ones are revealed (all of them at the last iteration). Guidance scale:
 ``linear`` ``1 + (cfg - 1)(L - m)/L`` or ``constant`` cfg; it mixes only the eps half, ``u + s (c - u)``, and
 the variance half comes from the conditional rows. The head samples with the cosine schedule respaced to
-``diffusion_steps`` (learned-range variance, no clipping, the model called with the original step index),
+``diffusion_steps`` (learned-range variance, no clipping unless the config's ``clip_x0`` > 0, the model
+called with the original step index),
 temperature scaling only the per-step noise. Guidance is on when ``cfg_scale > 1`` and the fraction of
 tokens still masked before the iteration (1 at the start, the MAR analogue of "time") lies in
 ``[guidance_low, guidance_high]``; the default [0, 1] is the published behaviour.
@@ -115,7 +116,7 @@ class MARSampler:
 
     def __init__(self, *, null_class: int = 1000, cfg_schedule: str = "linear", temperature: float = 1.0,
                  diffusion_steps: int = 100, noise_schedule: str = "cosine", num_train_timesteps: int = 1000,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 clip_x0: float = 0.0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule {cfg_schedule!r} is not one of {CFG_SCHEDULES}")
         self.null_class = null_class
@@ -124,6 +125,7 @@ class MARSampler:
         self.diffusion_steps = diffusion_steps
         self.noise_schedule = noise_schedule
         self.num_train_timesteps = num_train_timesteps
+        self.clip_x0 = clip_x0
         self.device = torch.device(device)
         self.dtype = dtype
 
@@ -134,7 +136,8 @@ class MARSampler:
         return cls(null_class=config.num_classes, cfg_schedule=config.cfg_schedule,
                    temperature=config.temperature,
                    diffusion_steps=config.diffusion_steps, noise_schedule=config.noise_schedule,
-                   num_train_timesteps=config.num_train_timesteps, device=device, dtype=dtype)
+                   num_train_timesteps=config.num_train_timesteps, clip_x0=config.clip_x0, device=device,
+                   dtype=dtype)
 
     # ---------------------------------------------------------------------------------- rows
 
@@ -280,7 +283,8 @@ class MARSampler:
                 if bool(on_a.any()):
                     tok = act[on_a]
                     x_new[tok] = ddpm_update(d, "ddpm", x[tok][:, None], k[tok], eps[on_a][:, None],
-                                         var[on_a][:, None], step_noise[tok][:, None]).squeeze(1)
+                                         var[on_a][:, None], step_noise[tok][:, None],
+                                         clip_x0=self.clip_x0).squeeze(1)
             x = x_new
         return x
 

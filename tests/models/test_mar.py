@@ -353,6 +353,20 @@ def test_tiny_generation_runs_in_seconds() -> None:
     assert out.shape == (2, 64, 32) and torch.isfinite(out).all() and (out != 0).all()
 
 
+def test_clip_x0_bounds_samples_of_an_imprecise_head() -> None:
+    """Random weights are an imprecise head: unclipped, the first respaced step amplifies its eps error into
+    huge tokens; ``clip_x0`` keeps every predicted clean token, and so the sample, within the bound."""
+    torch.manual_seed(0)
+    model = create_model("mar-tiny-64x32").eval()
+    reqs = [MARSampleRequest(class_id=1, seed=0, steps=model.config.num_iter, cfg_scale=1.0)]
+    free = run_to_completion(MARSampler.from_config(model.config), model, reqs, (64, 32))
+    clipped_cfg = dataclasses.replace(model.config, clip_x0=3.0)
+    clipped = run_to_completion(MARSampler.from_config(clipped_cfg), model, reqs, (64, 32))
+    assert float(free.abs().max()) > 3.0 and float(clipped.abs().max()) <= 3.0 + 1e-4
+    with pytest.raises(ValueError):
+        dataclasses.replace(model.config, clip_x0=-1.0)
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
