@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Models to load: registry names (random weights) or folders (config.json + safetensors), "
-        "optionally `name=folder`. Empty: the shipped weights/default/{tokenizer,generator}, else tiny random "
+        "optionally `name=folder`. Empty: the shipped weights/default/{tokenizer,generator} (then the other weights/default folders), else tiny random "
         "configurations.",
     )
     default_tokenizer: str | None = Field(None, description="Tokenizer used when a request names none.")
@@ -124,10 +124,14 @@ class Settings(BaseSettings):
 
 
 def default_models() -> list[str]:
-    """The shipped trained models when present, else tiny random configurations (with a loud warning)."""
+    """The shipped trained models when present (``weights/default/tokenizer`` and ``generator`` first, so they
+    are the defaults, then every other folder of ``weights/default`` with a config.json, e.g. ``mar``), else
+    tiny random configurations (with a loud warning)."""
     tok, gen = DEFAULT_WEIGHTS / "tokenizer", DEFAULT_WEIGHTS / "generator"
     if (tok / "config.json").exists() and (gen / "config.json").exists():
-        return [str(tok), str(gen)]
+        extra = sorted(p for p in DEFAULT_WEIGHTS.iterdir()
+                       if p.is_dir() and p not in (tok, gen) and (p / "config.json").exists())
+        return [str(tok), str(gen), *map(str, extra)]
     log.warning(
         "!!! no trained default models under %s: serving %s with RANDOM WEIGHTS (outputs are noise). "
         "Set TOKSERVE_MODELS to choose models. !!!",

@@ -3,8 +3,9 @@
 
 A model entry of ``TOKSERVE_MODELS`` is a registry name (random weights, deterministic seed), a folder with
 ``config.json`` + safetensors, or ``name=folder``. A folder's default name is its base name, or
-``<parent>-<base>`` for the generic ``tokenizer`` / ``generator`` folders (``weights/default/tokenizer`` is
-``default-tokenizer``). A generator is paired with the tokenizer its config names, else with the only loaded
+``<parent>-<base>`` for the generic ``tokenizer`` / ``generator`` folders and for every folder of a
+``default`` parent (``weights/default/tokenizer`` is ``default-tokenizer``, ``weights/default/mar``
+``default-mar``). A generator is paired with the tokenizer its config names, else with the only loaded
 tokenizer whose token shape matches.
 
 Continuous tokenizers (SoftVQ, TAEF2, KL-16) have float tokens of shape (L, D); discrete ones (CODA,
@@ -112,7 +113,7 @@ def _parse_entry(entry: str) -> tuple[str | None, str]:
 
 def _folder_name(folder: Path) -> str:
     folder = folder.resolve()
-    if folder.name in GENERIC_FOLDER_NAMES and folder.parent.name:
+    if folder.parent.name and (folder.name in GENERIC_FOLDER_NAMES or folder.parent.name == "default"):
         return f"{folder.parent.name}-{folder.name}"
     return folder.name
 

@@ -115,7 +115,7 @@ def test_bench_against_the_shipped_default_server(tmp_path: Path) -> None:
                        "-o", str(tmp_path), "--name", "default")  # fmt: skip
         assert out.returncode == 0, out.stderr
         report = json.loads((tmp_path / "default.json").read_text())
-        assert report["server_models"] == ["default-tokenizer", "default-generator"]
+        assert report["server_models"][:2] == ["default-tokenizer", "default-generator"]  # + other shipped ones
         (run,) = report["runs"]
         assert run["requests"] == 8 and run["ok"] == 8 and set(run["by_op"]) <= {"encode", "decode", "generate"}
         with Image.open(tmp_path / "default.png") as im:

@@ -58,6 +58,11 @@ def test_default_models_fall_back_loudly(monkeypatch: pytest.MonkeyPatch, tmp_pa
         (tmp_path / "default" / part / "config.json").write_text("{}")
     monkeypatch.setattr(settings_mod, "DEFAULT_WEIGHTS", tmp_path / "default")
     assert Settings().models == [str(tmp_path / "default" / "tokenizer"), str(tmp_path / "default" / "generator")]
+    for extra in ("mar", "coda", "notes"):  # other shipped folders follow, sorted; one without config is skipped
+        (tmp_path / "default" / extra).mkdir()
+        if extra != "notes":
+            (tmp_path / "default" / extra / "config.json").write_text("{}")
+    assert Settings().models == [str(tmp_path / "default" / p) for p in ("tokenizer", "generator", "coda", "mar")]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +78,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_folders_names_and_pairing(folders: Path) -> None:
     ms = resolve_models([str(folders / "tokenizer"), str(folders / "generator")])
     assert set(ms.specs) == {"default-tokenizer", "default-generator"}
+    from server.engine.specs import _folder_name
+
+    assert _folder_name(folders / "mar") == "default-mar" and _folder_name(folders.parent / "x" / "mar") == "mar"
     gen = ms.generator(None)
     assert gen.tokenizer == "default-tokenizer" and gen.image_size == 64  # paired by token shape
     assert gen.classes == (1, 5, 207) and not gen.random_weights and gen.source.endswith("generator")
