@@ -1,6 +1,6 @@
 """Command line: ``python -m training <command> ...`` (see training/README.md).
 
-Commands: ``tokenizer``, ``generator`` (train), ``eval-tokenizer``, ``eval-generator``, ``compute-latent-stats``,
+Commands: ``tokenizer``, ``generator``, ``mar``, ``coda``, ``maskgit`` (train), ``eval-tokenizer``, ``eval-generator``, ``compute-latent-stats``,
 ``figures`` (the README's reconstruction and sample grids), ``configs`` (list the named training configurations).
 """
 
@@ -42,7 +42,7 @@ def _add_train(sub, name: str, default: str, help: str) -> None:
     p.add_argument("--out", help="run folder (shortcut for run.out_dir=...)")
     p.add_argument("--steps", type=int, help="total steps (run.steps)")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget (run.max_minutes)")
-    if name == "generator":
+    if name in ("generator", "mar", "maskgit"):
         p.add_argument("--tokenizer", help="tokenizer serving folder (shortcut for tokenizer=...)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 run.batch_size=64")
 
@@ -53,17 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     _add_train(sub, "tokenizer", "tokenizer-default", "train a tokenizer")
     _add_train(sub, "generator", "generator-default", "train a generator on a tokenizer's latents")
+    _add_train(sub, "mar", "mar-default", "train a MAR generator (the generator command, default config mar-default)")
+    _add_train(sub, "coda", "coda-taef2", "train a CODA discrete tokenizer on the frozen TAEF2 (training/discrete.py)")
+    _add_train(sub, "maskgit", "maskgit-taef2", "train MaskGIT on the codes of a CODA tokenizer folder")
     sub.add_parser("configs", help="list the named training configurations")
     p = sub.add_parser("figures", help="write reconstructions.png and samples.png (the README figures)")
     p.add_argument("--tokenizer", default="weights/default/tokenizer")
     p.add_argument("--generator", default="weights/default/generator", help="'' to skip the sample grid")
     p.add_argument("--out", default="docs")
     p.add_argument("--cfg", type=float, default=2.0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", default="euler")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the generator config's)")
+    p.add_argument("--sampler", help="sampler name (default: the generator config's)")
     p.add_argument("--threads", type=int, default=0)
 
-    from training import evaluate
+    from training import (
+        discrete,  # noqa: F401  (registers the coda / maskgit configs)
+        evaluate,
+    )
 
     evaluate.add_commands(sub)
     args = ap.parse_args(argv)
@@ -92,6 +98,21 @@ def main(argv: list[str] | None = None) -> int:
         from training.generator import train_generator
 
         print(train_generator(_train_config(args, "generator")))
+        return 0
+    if args.command == "mar":
+        from models.registry import get_config
+        from training.generator import train_generator
+
+        cfg = _train_config(args, "generator")
+        if getattr(get_config(cfg.model), "family", "") != "mar":
+            raise SystemExit(f"config {args.config!r} trains {cfg.model}, not a MAR; use `generator`")
+        print(train_generator(cfg))
+        return 0
+    if args.command in ("coda", "maskgit"):
+        from training.discrete import train_coda, train_maskgit
+
+        train = train_coda if args.command == "coda" else train_maskgit
+        print(train(_train_config(args, args.command)))
         return 0
     return evaluate.run_command(args)
 

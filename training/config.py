@@ -129,6 +129,8 @@ class GeneratorTrainConfig:
 
 
 TrainConfig = TokenizerTrainConfig | GeneratorTrainConfig
+# kind -> config class of the configs defined in other modules (training/discrete.py: coda, maskgit)
+TRAIN_KINDS: dict[str, type] = {}
 
 # ---------------------------------------------------------------------------------------------- named
 
@@ -220,6 +222,43 @@ def generator_default() -> GeneratorTrainConfig:
     )
 
 
+@named
+def mar_tiny() -> GeneratorTrainConfig:
+    """CI: mar-tiny-64x32 (MAR, per-token diffusion head) on the latents of a few hundred real images."""
+    cfg = generator_tiny()
+    cfg.model = "mar-tiny-64x32"
+    cfg.run.out_dir = "runs/mar-tiny"
+    cfg.sample_steps = 4  # MAR iterations
+    return cfg
+
+
+@named
+def mar_default() -> GeneratorTrainConfig:
+    """A small MAR (width 256, 3+3 blocks, head 3 x 256, ~5.7 M parameters, 11 MB fp16) on the default
+    tokenizer's latents of 20k Tiny ImageNet train images (100 per class), one CPU thread, 40 CPU minutes."""
+    return GeneratorTrainConfig(
+        model="mar-s-64x32",
+        model_overrides={
+            "hidden_size": 256, "encoder_depth": 3, "decoder_depth": 3, "num_heads": 4, "mlp_ratio": 3.0,
+            "buffer_size": 16, "diffloss_depth": 3, "diffloss_width": 256, "diffusion_batch_mul": 4,
+            "attn_dropout": 0.0, "proj_dropout": 0.0,  # a run of ~2 epochs does not overfit
+            # sampling defaults written into the export: 16 iterations, 50 head steps, linear cfg ramp to 2
+            "num_iter": 16, "diffusion_steps": 50, "cfg_scale": 2.0, "cfg_schedule": "linear",
+            "clip_x0": 7.0,  # the head's first steps amplify its eps error; latents lie within +-6.8
+        },
+        tokenizer="weights/default/tokenizer",
+        tokenizer_ref="default-tokenizer",  # the served name of weights/default/tokenizer
+        data=DataConfig(max_images=20000),
+        optim=OptimConfig(lr=5e-4, warmup_steps=100, weight_decay=0.0, min_lr_ratio=0.1),
+        run=RunConfig(out_dir="runs/mar-default", steps=30000, max_minutes=40, budget_clock="cpu",
+                      batch_size=32, threads=1,
+                      ema_decay=0.999, log_every=10, ckpt_every=250, ckpt_every_minutes=4, sample_every=250),
+        class_dropout=0.1,
+        sample_steps=16,
+        sample_cfg=2.0,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- overrides
 
 
@@ -304,7 +343,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def from_dict(d: dict[str, Any]) -> TrainConfig:
     """Rebuild a training config from :func:`to_dict` output (e.g. a checkpoint's ``run_config``)."""
-    cls = TokenizerTrainConfig if d.get("kind") == "tokenizer" else GeneratorTrainConfig
+    cls = TRAIN_KINDS.get(d.get("kind")) or (TokenizerTrainConfig if d.get("kind") == "tokenizer"
+                                             else GeneratorTrainConfig)
     return _build(cls, d)
 
 

@@ -55,7 +55,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, batch_size: int) -> torc
     out = []
     for i in range(0, images.shape[0], batch_size):
         x = to_float(images[i : i + batch_size])
-        out.append(to_uint8(model.decode(model.encode(x))))
+        codes_or_tokens = model.encode(x)  # discrete tokenizers: integer codes, decoded by decode_codes
+        out.append(to_uint8(getattr(model, "decode_codes", model.decode)(codes_or_tokens)))
     return torch.cat(out)
 
 
@@ -127,19 +128,34 @@ def resolve_tokenizer_path(ref: str, generator_folder: str | Path) -> str:
     raise FileNotFoundError(f"tokenizer {ref!r} of {generator_folder} not found; pass --tokenizer")
 
 
+def sample_requests(config, labels: list[int], *, steps: int, cfg_scale: float, sampler_name: str, seed: int = 0):
+    """One request per label (seeds ``seed + i``) of the generator family's request type: MAR rows take a
+    :class:`models.sampling.mar.MARSampleRequest` (``steps`` = MAR iterations; cfg schedule, temperature and
+    head steps from the model config), SiT / DiT rows a :class:`SampleRequest` (with the SiT path type). The
+    guidance interval is the model config's."""
+    from models.sampling import SampleRequest
+    from models.sampling.mar import MARSampleRequest
+
+    common = dict(steps=steps, cfg_scale=cfg_scale, sampler=sampler_name,
+                  guidance_low=getattr(config, "guidance_low", 0.0), guidance_high=getattr(config, "guidance_high", 1.0))
+    if getattr(config, "family", "") == "mar":
+        return [MARSampleRequest(class_id=int(c), seed=seed + i, **common) for i, c in enumerate(labels)]
+    return [SampleRequest(class_id=int(c), seed=seed + i, path_type=getattr(config, "path_type", "linear"), **common)
+            for i, c in enumerate(labels)]
+
+
 @torch.no_grad()
 def generate(generator: nn.Module, tokenizer: nn.Module, classes: list[int], per_class: int, *, cfg_scale: float,
              steps: int, sampler_name: str, batch_size: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, 3, H, W) and labels (N,), ``per_class`` per class, seeds ``seed + i``."""
-    from models.sampling import SampleRequest, get_sampler, run_to_completion
+    """uint8 images (N, 3, H, W) and labels (N,), ``per_class`` per class, seeds ``seed + i``; the sampler is
+    ``get_sampler(sampler_name, config)`` (SiT, DiT or MAR), fed the module itself."""
+    from models.sampling import get_sampler, run_to_completion
 
     g = generator.config
-    sampler = get_sampler(sampler_name, generator)
+    sampler = get_sampler(sampler_name, g)
     labels = torch.tensor([c for c in classes for _ in range(per_class)])
-    reqs = [SampleRequest(class_id=int(c), seed=seed + i, steps=steps, cfg_scale=cfg_scale, sampler=sampler_name,
-                          guidance_low=g.guidance_low, guidance_high=g.guidance_high,
-                          path_type=getattr(g, "path_type", "linear"))
-            for i, c in enumerate(labels.tolist())]
+    reqs = sample_requests(g, labels.tolist(), steps=steps, cfg_scale=cfg_scale, sampler_name=sampler_name,
+                           seed=seed)
     out = []
     for i in range(0, len(reqs), batch_size):
         lat = run_to_completion(sampler, generator, reqs[i : i + batch_size], (g.num_tokens, g.token_dim)).float()
@@ -156,7 +172,8 @@ def classifier_accuracy(clf: EfficientNetLite0, images: torch.Tensor, labels: to
 def eval_generator(folder: str, *, tokenizer: str | None = None, per_class: int = 50, cfg_scales=(1.0,),
                    steps: int | None = None, sampler: str | None = None, ref: str = "tiny-val", ref_n: int = 10000,
                    floor_n: int = 0, floor_source: str = "tiny-train", cache_dir: str | Path = "runs/cache",
-                   grid: str | None = None, batch_size: int = 50) -> dict:
+                   grid: str | None = None, batch_size: int = 50, fid: bool = True) -> dict:
+    """``fid=False`` skips Inception and gFID (the slow part on a CPU): classifier accuracy only."""
     t0 = time.time()
     gen = models.load_pretrained(folder).float()
     g = gen.config
@@ -164,30 +181,33 @@ def eval_generator(folder: str, *, tokenizer: str | None = None, per_class: int 
     size = image_size_of(tok)
     classes = list(g.trained_classes) or list(range(g.num_classes))
     steps, sampler = steps or g.steps, sampler or g.sampler
-    inception, clf = InceptionFeatures(), EfficientNetLite0()
-    real, real_f = real_features(inception, ref, ref_n, size, cache_dir, classes=classes)
-    ref_stats = FeatureStats.of(real_f)
+    inception, clf = (InceptionFeatures() if fid else None), EfficientNetLite0()
+    if inception is not None:
+        real, real_f = real_features(inception, ref, ref_n, size, cache_dir, classes=classes)
+        ref_stats = FeatureStats.of(real_f)
+    else:
+        real = load_images(ref, size, classes=classes, max_images=ref_n)
     result: dict = {"model": str(folder), "classes": len(classes), "per_class": per_class, "steps": steps,
                     "sampler": sampler, "reference": {"source": ref, "n": len(real)},
                     "classifier_top1_real": classifier_accuracy(clf, real.images, real.labels), "runs": []}
-    if floor_n:
+    if floor_n and inception is not None:
         tr, tr_f = real_features(inception, floor_source, floor_n, size, cache_dir, classes=classes)
         result["fid_floor"] = {"source": floor_source, "n": len(tr), "fid": frechet_distance(FeatureStats.of(tr_f), ref_stats)}
     for s in cfg_scales:
         t1 = time.time()
         images, labels = generate(gen, tok, classes, per_class, cfg_scale=s, steps=steps, sampler_name=sampler,
                                   batch_size=batch_size)
-        feats = inception.features(images)
-        result["runs"].append({
-            "cfg_scale": s, "guidance_interval": [g.guidance_low, g.guidance_high], "n": len(images),
-            "gfid": frechet_distance(FeatureStats.of(feats), ref_stats),
-            "classifier_top1": classifier_accuracy(clf, images, labels),
-            "seconds": round(time.time() - t1, 1),
-        })
+        run = {"cfg_scale": s, "guidance_interval": [g.guidance_low, g.guidance_high], "n": len(images)}
+        if inception is not None:
+            run["gfid"] = frechet_distance(FeatureStats.of(inception.features(images)), ref_stats)
+        run["classifier_top1"] = classifier_accuracy(clf, images, labels)
+        run["seconds"] = round(time.time() - t1, 1)
+        result["runs"].append(run)
         if grid:
             from training.plots import save_grid
 
             stem = Path(grid)
+            stem = stem if stem.suffix else stem.with_suffix(".png")  # a bare stem gets PNG files
             save_grid(images[:: max(1, per_class)][:64], stem.with_name(f"{stem.stem}_cfg{s:g}{stem.suffix}"), nrow=8, scale=2)
     result["seconds"] = round(time.time() - t0, 1)
     return result
@@ -227,12 +247,13 @@ def add_commands(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder (default: the generator config's `tokenizer`)")
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--cfg", type=float, action="append", help="guidance scale; repeat for several (default 1.0)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the model config's)")
+    p.add_argument("--steps", type=int, help="sampler steps, MAR iterations for MAR (default: the model config's)")
     p.add_argument("--sampler", help="sampler name (default: the model config's)")
     p.add_argument("--ref", default="tiny-val", help="reference images for FID and real-image accuracy")
     p.add_argument("--ref-n", type=int, default=10000)
     p.add_argument("--floor-n", type=int, default=0, help="also the real-vs-real FID of N train images")
     p.add_argument("--grid", help="PNG path stem for one sample per class (per cfg scale)")
+    p.add_argument("--no-fid", action="store_true", help="skip gFID (Inception): classifier accuracy only")
     _common(p)
 
     p = sub.add_parser("compute-latent-stats", help="measure vq_mean / vq_std and write them into config.json")
@@ -263,7 +284,7 @@ def run_command(args: argparse.Namespace) -> int:
         res = eval_generator(args.model, tokenizer=args.tokenizer, per_class=args.per_class,
                              cfg_scales=tuple(args.cfg or [1.0]), steps=args.steps, sampler=args.sampler,
                              ref=args.ref, ref_n=args.ref_n, floor_n=args.floor_n, cache_dir=args.cache,
-                             grid=args.grid, batch_size=args.batch_size)
+                             grid=args.grid, batch_size=args.batch_size, fid=not args.no_fid)
         return emit(res, args.out)
     if args.command == "compute-latent-stats":
         return emit(compute_latent_stats(args.tokenizer, data=args.data, n=args.n, batch_size=args.batch_size,

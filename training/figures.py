@@ -4,7 +4,8 @@
         --out docs
 
 Each row of the reconstruction grid is labelled (original, then each tokenizer); each row of the sample grid
-is one class, labelled with its ImageNet name.
+is one class, labelled with its ImageNet name. Any continuous-latent generator family (SiT, DiT, MAR) works;
+the sampler and its steps default to the generator config's.
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ def samples_figure(generator: nn.Module, tokenizer: nn.Module, classes=SAMPLE_CL
     return labelled_rows(rows, [f"{c} {names.get(c, '')}" for c in classes])
 
 
-def write_figures(tokenizer: str, generator: str | None, out: str | Path, *, cfg_scale: float = 2.0, steps: int = 25,
-                  sampler: str = "euler", taef2: bool = True) -> list[Path]:
+def write_figures(tokenizer: str, generator: str | None, out: str | Path, *, cfg_scale: float = 2.0,
+                  steps: int | None = None, sampler: str | None = None, taef2: bool = True) -> list[Path]:
+    """``steps`` / ``sampler`` None: the generator config's (SiT / DiT: its sampler and steps; MAR: ``mar`` and
+    ``num_iter``)."""
     import models
     from training.evaluate import load_tokenizer
 
@@ -75,5 +78,6 @@ def write_figures(tokenizer: str, generator: str | None, out: str | Path, *, cfg
     if generator:
         gen = models.load_pretrained(generator).float()
         paths.append(out / "samples.png")
-        samples_figure(gen, tok, cfg_scale=cfg_scale, steps=steps, sampler=sampler).save(paths[1])
+        samples_figure(gen, tok, cfg_scale=cfg_scale, steps=steps or gen.config.steps,
+                       sampler=sampler or gen.config.sampler).save(paths[1])
     return paths

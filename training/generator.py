@@ -1,4 +1,4 @@
-"""Generator training (SiT flow matching or DiT diffusion) on a tokenizer's normalised latents.
+"""Generator training (SiT flow matching, DiT diffusion or MAR) on a tokenizer's normalised latents.
 
 ``train_generator(cfg)``:
 1. encodes the training images once into a cache (``<out_dir>/latents.pt`` unless ``latent_cache`` is set),
@@ -6,7 +6,9 @@
 2. when the tokenizer config still has the identity ``vq_mean`` / ``vq_std``, measures them on (up to
    ``stats_images`` of) those latents and writes them into the tokenizer's ``config.json``;
 3. trains the generator on ``(z - vq_mean) / vq_std`` with class dropout (labels replaced by the null class
-   ``num_classes`` with probability ``class_dropout``), EMA, the shared schedule, checkpoints and grids;
+   ``num_classes`` with probability ``class_dropout``), EMA, the shared schedule, checkpoints and grids; the
+   objective follows the generator family (``config.family``): ``sit`` flow matching, ``dit`` eps MSE (+ VLB),
+   ``mar`` :func:`models.sampling.mar.mar_loss` (random mask ratio, per-token diffusion head);
 4. exports ``<out_dir>/export`` (fp16) with ``trained_classes`` = the labels seen and ``tokenizer`` set.
 """
 
@@ -20,10 +22,10 @@ import torch
 import torch.nn as nn
 
 import models
-from models.sampling import SampleRequest, get_sampler, run_to_completion
 from models.sampling.diffusion import create_diffusion
+from models.sampling.mar import mar_loss
 from training.config import GeneratorTrainConfig
-from training.data import EpochSampler, ImageSet, to_uint8
+from training.data import EpochSampler, ImageSet
 from training.latents import (
     LatentStats,
     encode_cached,
@@ -36,9 +38,39 @@ from training.plots import plot_losses, save_grid
 from training.tokenizer import load_training_images
 from training.trainer import Trainer, setup_run
 
+FAMILIES = ("sit", "dit", "mar")
+
 
 def family(model: nn.Module) -> str:
-    return getattr(model.config, "family", "sit")
+    fam = getattr(model.config, "family", "sit")
+    if fam not in FAMILIES:
+        raise ValueError(f"{type(model).__name__} ({fam!r}) is not a continuous-latent generator: {FAMILIES}")
+    return fam
+
+
+class _LoopClassDrop:
+    """What :func:`mar_loss` calls, with the label dropout decided by the training loop (its own generator,
+    ``class_dropout``) through ``force_drop``, as for SiT / DiT, instead of the module's train-mode coin flips."""
+
+    def __init__(self, model: nn.Module, drop: torch.Tensor) -> None:
+        self.model, self.drop = model, drop
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, mask, labels, force_drop=self.drop)
+
+    def head(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.model.head(x, t, z)
+
+
+def mar_terms(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, drop: torch.Tensor,
+              gen: torch.Generator) -> dict[str, torch.Tensor | float]:
+    """MAR's loss on a batch: mask ratio, mask, head steps and noise from ``gen``; labels dropped where ``drop``."""
+    res = mar_loss(_LoopClassDrop(model, drop), x0, y, generator=gen)
+    return {"loss": res.loss, "mse": res.mse, "vb": res.vb, "mask_ratio": res.mask_ratio}
 
 
 def build_generator(cfg: GeneratorTrainConfig, trained_classes: list[int], tokenizer_ref: str) -> nn.Module:
@@ -72,15 +104,12 @@ def prepare_latents(cfg: GeneratorTrainConfig, tokenizer: nn.Module, device: tor
 @torch.no_grad()
 def sample_grid(generator: nn.Module, tokenizer: nn.Module, classes: list[int], path: Path, *, per_class: int,
                 steps: int, cfg_scale: float, sampler_name: str, seed: int = 0) -> Path:
-    """One row per class of ``per_class`` samples, decoded by the tokenizer, as PNG."""
+    """One row per class of ``per_class`` samples, decoded by the tokenizer, as PNG (any family's sampler)."""
+    from training.evaluate import generate
+
     generator.eval()
-    g = generator.config
-    sampler = get_sampler(sampler_name, generator)
-    reqs = [SampleRequest(class_id=c, seed=seed + i, steps=steps, cfg_scale=cfg_scale, sampler=sampler_name,
-                          path_type=getattr(g, "path_type", "linear"))
-            for c in classes for i in range(per_class)]
-    lat = run_to_completion(sampler, generator, reqs, (g.num_tokens, g.token_dim)).float()
-    images = to_uint8(tokenizer.decode(tokenizer.denormalize_latents(lat)))
+    images, _ = generate(generator, tokenizer, classes, per_class, cfg_scale=cfg_scale, steps=steps,
+                         sampler_name=sampler_name, seed=seed)
     return save_grid(images, path, nrow=per_class, scale=2)
 
 
@@ -119,13 +148,15 @@ def train_generator(cfg: GeneratorTrainConfig) -> Path:
         drop = (torch.rand(b, generator=gen) < p_drop).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         with trainer.autocast():
-            if fam == "dit":
+            if fam == "mar":
+                terms = mar_terms(model, x0, y, drop, gen)
+            elif fam == "dit":
                 k = torch.randint(0, diff.num_steps, (b,), generator=gen).to(device)
                 terms = diffusion_loss(model, diff, x0, y, k, noise, gcfg.learn_sigma, cfg.learn_sigma_vlb, drop)
             else:
                 t = sample_time(b, cfg.t_sampling, gen, cfg.t_lognormal, device)
                 terms = {"loss": flow_matching_loss(model, x0, y, t, noise, drop)}
-        out = {k: float(v.detach()) for k, v in terms.items()}
+        out = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
         out["grad_norm"] = trainer.backward_step("model", terms["loss"])
         return out
 

@@ -1,0 +1,618 @@
+"""Discrete tokens on a frozen VAE: CODA tokenizer training and a MaskGIT generator on its codes (issue #7).
+
+``python -m training coda --config coda-taef2`` (:func:`train_coda`):
+
+1. builds the CODA tokenizer on the real TAEF2 weights (``CODA.with_pretrained_vae``; the frozen base weights
+   are rounded to fp16 first, ``vae_fp16``, so training sees the encoder the fp16 export serves);
+2. encodes the training images once with the frozen encoder and caches the raw latents (B, C, s, s) under
+   ``latent_cache`` (default ``runs/coda-latents``), keyed by the encoder's weights and the data selection;
+   the same cache serves the MaskGIT command when its tokenizer has the same encoder;
+3. sets ``latent_shift`` / ``latent_scale`` from the mean / std of those latents (``normalize_latents``);
+4. ``space=latent``: trains the quantizer on cached latents,
+   ``loss = latent_weight * mse(f_hat, z) + quant_weight * quant + entropy`` (the quantizer's commitment /
+   codebook term and its optional entropy term, :mod:`models.quantizers.coda`);
+   ``space=image`` (a short final phase, usually ``init_from`` a latent-space export): also decodes f_hat and
+   adds ``image_weight * rec(x, decode(f_hat))`` (+ LPIPS), training LoRA adapters and the quantizer;
+5. logs codebook usage every step (distinct codes of the batch, codes alive in the usage EMA) and, every
+   ``run.sample_every`` steps, an ``eval`` record on held-out validation images: latent MSE, distinct codes
+   per scale and in all, code perplexity and the PSNR of the decoded quantized latents beside the VAE's own;
+6. exports ``<out_dir>/export`` (``config.json`` + fp16 safetensors holding the VAE weights too, so
+   ``models.load_pretrained`` needs nothing else) with ``trained_on`` / ``notes``.
+
+``python -m training maskgit --config maskgit-taef2 --tokenizer runs/coda-taef2/export`` (:func:`train_maskgit`):
+pre-encodes the training images into codes once (``<out_dir>/codes.pt``, through the raw-latent cache), then
+trains MaskGIT with the cosine mask schedule, label-smoothed cross-entropy on the masked positions, class
+dropout (null class) and EMA; sample grids decode MaskGITSampler outputs with the tokenizer; the export's
+config carries ``tokenizer`` (``tokenizer_ref``: the served name) and ``trained_classes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import models
+from models.coda import CODA
+from models.maskgit import cosine_mask
+from models.quantizers.base import perplexity
+from models.registry import get_config
+from training import config as C
+from training.config import DataConfig, OptimConfig, RunConfig
+from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
+from training.latents import weights_fingerprint
+from training.losses import reconstruction_loss
+from training.metrics import psnr
+from training.plots import plot_losses, save_grid
+from training.tokenizer import load_training_images
+from training.trainer import Trainer, setup_run
+
+DEFAULT_LATENT_CACHE = "runs/coda-latents"
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class CODATrainConfig:
+    """Training of a CODA tokenizer (module docstring)."""
+
+    model: str = "coda-taef2-64"  # a registered CODA configuration
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. codebook_size, lora_rank, lora_targets
+    vae_weights: str | None = None  # original VAE weights (TAEF2: folder of taef2_*.pth; default ../shared)
+    vae_fp16: bool = True  # round the frozen VAE weights to fp16 before training (= the fp16 export)
+    init_from: str | None = None  # a CODA serving folder to continue from (LoRA tensors it lacks start fresh)
+    space: str = "latent"  # latent: quantizer on cached latents | image: also decode and score pixels
+    normalize_latents: bool = True  # latent_shift / latent_scale := mean / 1/std of the training latents
+    latent_cache: str | None = None  # folder of raw-latent caches (default runs/coda-latents)
+    encode_batch_size: int = 64
+    latent_weight: float = 1.0  # mse(f_hat, z) on the quantizer's (normalised) input
+    quant_weight: float = 1.0  # the quantizer's `quant` loss (commitment + codebook, beta inside)
+    image_weight: float = 1.0  # space=image: rec(x, decode(f_hat))
+    image_recon: str = "l1+l2"  # l1 | l2 | l1+l2
+    lpips_weight: float = 0.0  # space=image: LPIPS-VGG (slow on a CPU)
+    train_quantizer: bool = True  # space=image: also train the quantizer (else LoRA only)
+    eval_images: int = 500  # held-out images (data.val) for the eval records (usage, latent MSE)
+    eval_decode: int = 100  # ... of which decoded for PSNR
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=100))
+    run: RunConfig = field(default_factory=lambda: RunConfig(ema_decay=0.999))
+    kind: str = "coda"
+
+
+@dataclass
+class MaskGITTrainConfig:
+    """Training of a MaskGIT generator on the codes of a CODA serving folder (module docstring)."""
+
+    model: str = "maskgit-s"  # a registered MaskGIT configuration (num_tokens / codebook_size: the tokenizer's)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    tokenizer: str = "runs/coda-taef2-image/export"  # CODA serving folder whose codes we model
+    tokenizer_ref: str | None = None  # what the exported config's `tokenizer` says (default: the path)
+    code_cache: str | None = None  # default <out_dir>/codes.pt
+    latent_cache: str | None = None  # raw-latent cache folder shared with `coda` (default runs/coda-latents)
+    encode_batch_size: int = 64
+    encode_flip: bool = False  # also encode mirrored images (doubles the code set)
+    class_dropout: float | None = None  # None: the model config's class_dropout_prob
+    label_smoothing: float | None = None  # None: the model config's label_smoothing
+    val_images: int = 0  # held-out images (data.val) whose masked-token loss is logged at each sample step
+    sample_steps: int | None = None  # MaskGIT iterations for the sample grids (None: the config's num_iter)
+    sample_cfg: float = 2.0
+    sample_classes: int = 8  # sample grid: rows (classes spread over the trained ones) ...
+    sample_per_class: int = 4  # ... and columns
+    data: DataConfig = field(default_factory=lambda: DataConfig(flip=False))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                                                   warmup_steps=200))
+    run: RunConfig = field(default_factory=lambda: RunConfig(ema_decay=0.999))
+    kind: str = "maskgit"
+
+
+C.TRAIN_KINDS.update({"coda": CODATrainConfig, "maskgit": MaskGITTrainConfig})
+
+
+@C.named
+def coda_tiny() -> CODATrainConfig:
+    """CI: coda-taef2-64 with 64 codes on a few dozen real images, latent space, a few steps."""
+    return CODATrainConfig(
+        model_overrides={"codebook_size": 64, "lora_rank": 0},
+        data=DataConfig(train="tiny-val", max_images=32),
+        latent_cache="runs/coda-tiny/latents",
+        eval_images=16, eval_decode=8, encode_batch_size=32,
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
+        run=RunConfig(out_dir="runs/coda-tiny", steps=20, batch_size=16, log_every=5, ckpt_every=100,
+                      sample_every=20, ema_decay=0.9, threads=1),
+    )
+
+
+@C.named
+def coda_taef2() -> CODATrainConfig:
+    """The shipped CODA tokenizer: coda-taef2-64 with 1024 codes (130 per image over scales 1,2,3,4,6,8), no
+    LoRA, quantizer trained on the frozen TAEF2 latents of 20k Tiny ImageNet train images (about 100 per
+    class), one CPU thread, 15 CPU minutes after encoding."""
+    return CODATrainConfig(
+        model_overrides={"codebook_size": 1024, "lora_rank": 0},
+        data=DataConfig(max_images=20000),
+        eval_images=500, eval_decode=100,
+        optim=OptimConfig(lr=2e-3, warmup_steps=100, weight_decay=0.0, min_lr_ratio=0.05),
+        run=RunConfig(out_dir="runs/coda-taef2", steps=6000, max_minutes=15, budget_clock="cpu", batch_size=128,
+                      threads=1, ema_decay=0.999, log_every=20, ckpt_every=500, ckpt_every_minutes=4,
+                      sample_every=500),
+    )
+
+
+@C.named
+def coda_taef2_image() -> CODATrainConfig:
+    """Optional short image-space phase after coda-taef2: a rank-4 LoRA added to the TAEF2 decoder, trained
+    with the quantizer on pixel L1+L2, from the latent-phase export, on the cached latents of the same images
+    (no augmentation), 8 CPU minutes."""
+    return CODATrainConfig(
+        init_from="runs/coda-taef2/export",
+        model_overrides={"lora_rank": 4, "lora_targets": ["decoder"]},
+        space="image",
+        data=DataConfig(max_images=20000),
+        eval_images=500, eval_decode=100,
+        optim=OptimConfig(lr=3e-4, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1),
+        run=RunConfig(out_dir="runs/coda-taef2-image", steps=2000, max_minutes=8, budget_clock="cpu", batch_size=16,
+                      threads=1, ema_decay=0.99, log_every=10, ckpt_every=200, ckpt_every_minutes=4,
+                      sample_every=200),
+    )
+
+
+@C.named
+def maskgit_tiny() -> MaskGITTrainConfig:
+    """CI: maskgit-tiny on the codes of the coda-tiny export (a few dozen real images)."""
+    return MaskGITTrainConfig(
+        model="maskgit-tiny",
+        tokenizer="runs/coda-tiny/export",
+        data=DataConfig(train="tiny-val", max_images=32, flip=False),
+        latent_cache="runs/coda-tiny/latents",
+        val_images=16, sample_steps=4, sample_classes=2, sample_per_class=2, encode_batch_size=32,
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
+        run=RunConfig(out_dir="runs/maskgit-tiny", steps=20, batch_size=16, log_every=5, ckpt_every=100,
+                      sample_every=20, ema_decay=0.9, threads=1),
+    )
+
+
+@C.named
+def maskgit_taef2() -> MaskGITTrainConfig:
+    """The shipped MaskGIT: width 256, depth 5, 4 heads, MLP ratio 3 (4.1 M parameters, 8.2 MB fp16) on the
+    codes of 20k Tiny ImageNet train images (200 classes) under the coda-taef2-image export, one CPU thread,
+    30 CPU minutes (a few hundred steps of 32: about one epoch)."""
+    return MaskGITTrainConfig(
+        model="maskgit-s",
+        model_overrides={"hidden_size": 256, "depth": 5, "num_heads": 4, "mlp_ratio": 3.0, "num_iter": 12},
+        tokenizer="runs/coda-taef2-image/export",
+        tokenizer_ref="coda-taef2",  # the served name of weights/discrete/coda-taef2
+        data=DataConfig(max_images=20000, flip=False),
+        val_images=500,
+        optim=OptimConfig(lr=8e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=50, min_lr_ratio=0.05),
+        run=RunConfig(out_dir="runs/maskgit-taef2", steps=20000, max_minutes=30, budget_clock="cpu", batch_size=32,
+                      threads=1, ema_decay=0.999, log_every=10, ckpt_every=100, ckpt_every_minutes=4,
+                      sample_every=200),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- latent cache
+
+
+def encoder_fingerprint(model: CODA) -> str:
+    """Hash of every VAE tensor outside the decoder (base weights and any encoder LoRA), as float32 bytes
+    (-0.0 as 0.0: the EMA's lerp turns one into the other): equal fingerprints give equal raw latents."""
+    h = hashlib.sha1(model.config.vae.encode())
+    for k, v in sorted(model.vae.state_dict().items()):
+        if k.startswith("decoder") or not v.is_floating_point():
+            continue
+        h.update(k.encode())
+        h.update((v.detach().float().cpu() + 0.0).contiguous().numpy().tobytes())  # + 0.0: -0.0 hashes as 0.0
+    return h.hexdigest()[:16]
+
+
+def data_key(d: DataConfig, source: str, max_images: int | None, flip: bool = False) -> str:
+    return json.dumps([source, d.num_classes, d.classes, max_images, d.image_size, d.image_column,
+                       d.label_column, flip])
+
+
+@torch.no_grad()
+def cached_vae_latents(model: CODA, images: ImageSet, cache_dir: str | os.PathLike[str], key: str, *,
+                       batch_size: int = 64, flip: bool = False, device: torch.device | str = "cpu",
+                       log_every: int = 20) -> ImageSet:
+    """Raw VAE latents (N, C, s, s) float32 (``vae.encode_spatial``: before shift / scale) and labels of
+    ``images`` (mirrored copies appended when ``flip``), read from ``cache_dir`` when present, else encoded and
+    written there. The file name hashes the encoder weights and ``key`` (the data selection)."""
+    name = hashlib.sha1((encoder_fingerprint(model) + key).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"latents_{name}.pt"
+    if path.exists():
+        d = torch.load(path, weights_only=True)
+        if d.get("n") == len(images) * (2 if flip else 1):
+            return ImageSet(d["latents"], d["labels"])
+    model.eval()
+    src = torch.cat([images.images, images.images.flip(-1)]) if flip else images.images
+    labels = torch.cat([images.labels, images.labels]) if flip else images.labels
+    out = []
+    import time
+
+    t0 = time.time()
+    for i in range(0, len(src), batch_size):
+        out.append(model.vae.encode_spatial(to_float(src[i : i + batch_size]).to(device)).float().cpu())
+        if log_every and (i // batch_size) % log_every == 0:
+            done = i + out[-1].shape[0]
+            print(f"encoded {done}/{len(src)} ({done / max(time.time() - t0, 1e-9):.1f} img/s)", flush=True)
+    latents = torch.cat(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"latents": latents, "labels": labels, "n": len(latents), "key": key}, tmp)
+    os.replace(tmp, path)
+    return ImageSet(latents, labels)
+
+
+def to_quantizer_input(model: CODA, raw: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latents -> the quantizer input ``(raw - latent_shift) * latent_scale`` (as encode_latents)."""
+    return (raw - model.config.latent_shift) * model.config.latent_scale
+
+
+@torch.no_grad()
+def codes_of(model: CODA, raw: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Raw latents (N, C, s, s) -> codes (N, L) int64, exactly ``model.encode`` past the VAE encoder."""
+    model.eval()
+    return torch.cat([model.quantize(to_quantizer_input(model, raw[i : i + batch_size])).indices
+                      for i in range(0, len(raw), batch_size)])
+
+
+# ---------------------------------------------------------------------------------------------- CODA
+
+
+def build_coda(cfg: CODATrainConfig) -> CODA:
+    """``init_from`` a CODA folder (overrides applied; LoRA tensors the folder lacks keep their fresh init),
+    else the registered config on the original VAE weights; frozen VAE weights rounded to fp16 if asked."""
+    if cfg.init_from:
+        src = models.load_pretrained(cfg.init_from).float()
+        if not isinstance(src, CODA):
+            raise ValueError(f"{cfg.init_from} is a {type(src).__name__}, not a CODA tokenizer")
+        model = CODA(dataclasses.replace(src.config, **_tuple_fields(cfg.model_overrides)))
+        missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+        bad = [k for k in missing if ".lora_layer." not in k] + list(unexpected)
+        if bad:
+            raise ValueError(f"{cfg.init_from} does not fit the overridden config: {bad[:8]}")
+    else:
+        config = dataclasses.replace(get_config(cfg.model), **_tuple_fields(cfg.model_overrides))
+        model = CODA.with_pretrained_vae(config, cfg.vae_weights)
+    if cfg.vae_fp16:
+        with torch.no_grad():
+            for p in model.vae.parameters():
+                if not p.requires_grad:
+                    p.copy_(p.half().float())
+    return model
+
+
+def _tuple_fields(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def usage_stats(model: CODA, indices: torch.Tensor) -> dict[str, Any]:
+    """Distinct codes among ``indices`` (N, L): in all, per scale, and the perplexity of their histogram."""
+    V = model.config.codebook_size
+    parts = model.quantizer.split_indices(indices)
+    counts = torch.bincount(indices.reshape(-1), minlength=V).float()
+    return {"codes_used": int((counts > 0).sum()), "codes_used_frac": round(float((counts > 0).float().mean()), 4),
+            "perplexity": round(perplexity(counts), 1),
+            "codes_used_per_scale": [int(torch.bincount(p.reshape(-1), minlength=V).gt(0).sum()) for p in parts]}
+
+
+@torch.no_grad()
+def evaluate_coda(model: CODA, raw: torch.Tensor, images: torch.Tensor, decode_n: int,
+                  batch_size: int = 100) -> dict[str, Any]:
+    """Held-out figures of a CODA model on raw latents (N, C, s, s) of uint8 ``images``: latent MSE (and
+    relative to the latent variance), code usage and the PSNR of ``decode_latents(f_hat)`` on the first
+    ``decode_n`` images."""
+    model.eval()
+    z = to_quantizer_input(model, raw)
+    outs = [model.quantize(z[i : i + batch_size]) for i in range(0, len(z), batch_size)]
+    f_hat = torch.cat([o.quantized for o in outs])
+    idx = torch.cat([o.indices for o in outs])
+    mse = float(F.mse_loss(f_hat, z))
+    res: dict[str, Any] = {"n": len(z), "latent_mse": round(mse, 5), "latent_rel_mse": round(mse / float(z.var()), 4),
+                           **usage_stats(model, idx)}
+    if decode_n:
+        rec = torch.cat([to_uint8(model.decode_latents(f_hat[i : i + batch_size]))
+                         for i in range(0, decode_n, batch_size)])[:decode_n]
+        res["psnr"] = round(float(psnr(images[:decode_n], rec).mean()), 3)
+    return res
+
+
+@torch.no_grad()
+def vae_psnr(model: CODA, raw: torch.Tensor, images: torch.Tensor, batch_size: int = 100) -> float:
+    """PSNR of the model's decoder on the unquantized latents (the VAE's own reconstruction)."""
+    model.eval()
+    rec = torch.cat([to_uint8(model.vae.decode_spatial(raw[i : i + batch_size])) for i in range(0, len(raw), batch_size)])
+    return round(float(psnr(images, rec).mean()), 3)
+
+
+def train_coda(cfg: CODATrainConfig) -> Path:
+    run = cfg.run
+    if cfg.space not in ("latent", "image"):
+        raise ValueError(f"space must be latent or image, not {cfg.space!r}")
+    device = setup_run(run)
+    model = build_coda(cfg)
+    data = load_training_images(cfg)
+    val = load_images(cfg.data.val, cfg.data.image_size, max_images=cfg.eval_images or 8)
+    cache_dir = cfg.latent_cache or DEFAULT_LATENT_CACHE
+    d = cfg.data
+    latents = cached_vae_latents(model, data, cache_dir, data_key(d, d.train, d.max_images),
+                                 batch_size=cfg.encode_batch_size, device=device)
+    val_lat = cached_vae_latents(model, val, cache_dir, data_key(d, d.val, len(val)),
+                                 batch_size=cfg.encode_batch_size, device=device, log_every=0)
+    raw_all = latents.images
+    if cfg.normalize_latents and not cfg.init_from:
+        mean, std = float(raw_all.double().mean()), float(raw_all.double().std())
+        model.config = dataclasses.replace(model.config, latent_shift=mean, latent_scale=1.0 / std)
+    model = model.to(device)
+    encoder_trains = any(p.requires_grad for n, p in model.vae.named_parameters() if not n.startswith("decoder"))
+    if encoder_trains:
+        raise ValueError("LoRA on the encoder would invalidate the latent cache; use lora_targets=['decoder']")
+    lpips = None
+    if cfg.space == "image" and cfg.lpips_weight > 0:
+        from training.perceptual import LPIPS
+
+        lpips = LPIPS().to(device)
+    if cfg.space == "latent":
+        params = list(model.quantizer.parameters())  # the decoder (and any LoRA) sees no gradient here
+    elif cfg.train_quantizer:
+        params = model.trainable_parameters()
+    else:
+        model.quantizer.requires_grad_(False)
+        params = [p for p in model.vae.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: image space without LoRA and with train_quantizer=false")
+    trainer = Trainer(cfg, model, run)
+    trainer.add_optimizer("model", params, cfg.optim)
+    trainer.maybe_resume()
+    base_psnr = vae_psnr(trainer.export_model, val_lat.images[: cfg.eval_decode], val.images[: cfg.eval_decode]) \
+        if cfg.eval_images and cfg.eval_decode else None
+    sampler = EpochSampler(len(raw_all), run.batch_size, run.seed)
+    n_train = sum(p.numel() for p in params)
+    print(f"coda {cfg.model} ({cfg.space} space): codebook {model.config.codebook_size}, {model.config.num_tokens} "
+          f"codes/image, {n_train / 1e6:.3f} M trained parameters, {len(raw_all)} training latents, latent shift "
+          f"{model.config.latent_shift:.4f} scale {model.config.latent_scale:.4f}, VAE PSNR on {cfg.eval_decode} val "
+          f"images {base_psnr} dB, from step {trainer.step}", flush=True)
+
+    def step_fn(step: int) -> dict[str, float]:
+        idx = sampler.indices(step)
+        z = to_quantizer_input(model, raw_all[idx].to(device))
+        q = model.quantize(z)
+        rec = F.mse_loss(q.quantized, z)
+        loss = cfg.latent_weight * rec + cfg.quant_weight * q.losses["quant"] + q.losses["entropy"]
+        out = {"latent_mse": float(rec.detach()), "quant": float(q.losses["quant"].detach()),
+               "entropy": float(q.losses["entropy"].detach())}
+        if cfg.space == "image":
+            x = to_float(data.images[idx]).to(device)
+            x_hat = model.decode_latents(q.quantized)
+            img = reconstruction_loss(x, x_hat, cfg.image_recon)
+            loss = loss + cfg.image_weight * img
+            out["image_rec"] = float(img.detach())
+            if lpips is not None:
+                p = lpips(x, x_hat).mean()
+                loss = loss + cfg.lpips_weight * p
+                out["lpips"] = float(p.detach())
+        out["grad_norm"] = trainer.backward_step("model", loss)
+        out["loss"] = float(loss.detach())
+        counts = torch.stack(list(q.usage.values())).sum(0)
+        out["batch_codes"] = float((counts > 0).sum())
+        out["alive_codes"] = float((model.quantizer.usage_ema.sum(0) > 1e-3).sum())
+        return out
+
+    done: set[int] = set()
+
+    def on_sample(step: int) -> None:
+        if step in done:  # fit() also calls it after the last step
+            return
+        done.add(step)
+        m = trainer.export_model
+        if cfg.eval_images:
+            res = evaluate_coda(m, val_lat.images, val.images, cfg.eval_decode)
+            res.update({"event": "eval", "step": step, "data": d.val, "vae_psnr": base_psnr})
+            trainer.log(res)
+            print("eval " + json.dumps(res), flush=True)
+        with torch.no_grad():
+            m.eval()
+            rec = to_uint8(m.decode_codes(m.encode(to_float(val.images[:8]).to(device))))
+        save_grid(torch.cat([val.images[:8], rec.cpu()]), trainer.out / "samples" / f"recon_{step:06d}.png", nrow=8,
+                  scale=2)
+        plot_losses(trainer.out / "metrics.jsonl", trainer.out / "loss.png")
+
+    trainer.fit(step_fn, batch_size=run.batch_size, on_sample=on_sample)
+    return export_coda(trainer, cfg, len(raw_all), len(set(latents.labels.tolist())),
+                       evaluate_coda(trainer.export_model, val_lat.images, val.images, cfg.eval_decode)
+                       if cfg.eval_images else None, base_psnr)
+
+
+def describe(c: Any) -> str:
+    """One line on a CODA config: VAE, codebook, codes per image, LoRA."""
+    lora = f"LoRA r{c.lora_rank} on {'/'.join(c.lora_targets)}" if c.lora_rank else "no LoRA"
+    return (f"CODA on the frozen {c.vae.upper()}: {c.codebook_size} codes, {c.num_tokens} per image over scales "
+            f"{','.join(map(str, c.scales))}, {lora}")
+
+
+def export_coda(trainer: Trainer, cfg: CODATrainConfig, n_images: int, n_classes: int,
+                final: dict[str, Any] | None, base_psnr: float | None) -> Path:
+    model = trainer.export_model
+    c = model.config
+    d = cfg.data
+    history = c.notes.split(" | ")[1:] if cfg.init_from else []  # the earlier phases' lines
+    note = (f"trained by tokserve `python -m training coda` ({cfg.space} space, "
+            f"{trainer.step} steps, {trainer.elapsed_now / 60:.1f} min {cfg.run.budget_clock}, "
+            f"{trainer.cpu_now / 60:.1f} CPU min); quantizer input = (TAEF2 latent - {c.latent_shift:.4f}) * "
+            f"{c.latent_scale:.4f}")
+    if final:
+        note += (f"; on {final['n']} {d.val} images: {final['codes_used']}/{c.codebook_size} codes used, "
+                 f"latent rel. MSE {final['latent_rel_mse']}")
+        if "psnr" in final:
+            note += f", PSNR {final['psnr']} dB on {cfg.eval_decode} (VAE alone {base_psnr} dB)"
+    note = " | ".join([describe(c), *history, note])
+    trained_on = (f"{d.train}: {n_images} images of {n_classes} classes at {d.image_size}px (frozen "
+                  f"{c.vae} latents)")
+    if cfg.init_from:
+        trained_on = f"{c.trained_on}; then {trained_on} ({cfg.space} space)" if c.trained_on else trained_on
+    model.config = dataclasses.replace(c, trained_on=trained_on, notes=note)
+    out = models.save_pretrained(model, trainer.out / "export", dtype=getattr(torch, cfg.run.export_dtype))
+    trainer.log({"event": "export", "path": str(out), "step": trainer.step, "images": trainer.images_seen,
+                 "elapsed_s": round(trainer.elapsed_now, 1), "cpu_s": round(trainer.cpu_now, 1), "final": final})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- MaskGIT
+
+
+def build_maskgit(cfg: MaskGITTrainConfig, tokenizer: CODA, trained_classes: list[int], ref: str) -> nn.Module:
+    overrides = {"trained_classes": tuple(trained_classes), "tokenizer": ref,
+                 "num_tokens": tokenizer.config.num_tokens, "codebook_size": tokenizer.config.codebook_size,
+                 **_tuple_fields(cfg.model_overrides)}
+    if cfg.init_from:
+        model = models.load_pretrained(cfg.init_from).float()
+        model.config = dataclasses.replace(model.config, **overrides)
+        return model
+    return models.create_model(cfg.model, **overrides)
+
+
+def prepare_codes(cfg: MaskGITTrainConfig, tokenizer: CODA, images: ImageSet, source: str, path: Path,
+                  device: torch.device, flip: bool = False) -> ImageSet:
+    """Codes (N, L) int64 and labels of ``images``, cached at ``path`` (keyed by the tokenizer's weight files
+    and the data selection), through the raw-latent cache shared with ``coda``."""
+    d = cfg.data
+    key = data_key(d, source, len(images), flip)
+    full_key = json.dumps([weights_fingerprint(cfg.tokenizer), key])
+    if path.exists():
+        c = torch.load(path, weights_only=True)
+        if c.get("key") == full_key:
+            return ImageSet(c["codes"], c["labels"])
+    lat = cached_vae_latents(tokenizer, images, cfg.latent_cache or DEFAULT_LATENT_CACHE, key,
+                             batch_size=cfg.encode_batch_size, flip=flip, device=device)
+    codes = codes_of(tokenizer, lat.images.to(device)).cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": full_key, "codes": codes, "labels": lat.labels}, tmp)
+    os.replace(tmp, path)
+    return ImageSet(codes, lat.labels)
+
+
+def masked_loss(model: nn.Module, codes: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                drop: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label-smoothed cross-entropy over the masked positions and the argmax accuracy there; ``drop`` (B,)
+    bool replaces labels by the null class (explicit, so a step is a function of the step's generator)."""
+    inputs = torch.where(mask, model.config.mask_token_id, codes)
+    logits = model(inputs, labels, force_drop=drop)
+    picked, target = logits[mask].float(), codes[mask]
+    loss = F.cross_entropy(picked, target, label_smoothing=label_smoothing)
+    return loss, (picked.argmax(-1) == target).float().mean()
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, codes: torch.Tensor, labels: torch.Tensor, label_smoothing: float,
+                    batch_size: int = 100, seed: int = 0) -> dict[str, float]:
+    """Masked-token loss / accuracy on held-out codes with a fixed (seeded) cosine mask, labels kept."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    tot_l, tot_a, n = 0.0, 0.0, 0
+    for i in range(0, len(codes), batch_size):
+        c, y = codes[i : i + batch_size], labels[i : i + batch_size]
+        mask = cosine_mask(len(c), c.shape[1], g, c.device)
+        loss, acc = masked_loss(model, c, y, mask, torch.zeros(len(c), dtype=torch.bool, device=c.device),
+                                label_smoothing)
+        tot_l, tot_a, n = tot_l + float(loss) * len(c), tot_a + float(acc) * len(c), n + len(c)
+    return {"val_loss": round(tot_l / n, 4), "val_accuracy": round(tot_a / n, 4)}
+
+
+@torch.no_grad()
+def maskgit_samples(model: nn.Module, tokenizer: CODA, classes: list[int], per_class: int, *, steps: int,
+                    cfg_scale: float, seed: int = 0) -> torch.Tensor:
+    """uint8 images (len(classes) * per_class, 3, H, W) sampled with MaskGITSampler, decoded by the tokenizer."""
+    from models.sampling import SampleRequest, get_sampler, run_to_completion
+
+    model.eval()
+    sampler = get_sampler("maskgit", model)
+    reqs = [SampleRequest(class_id=c, seed=seed + i, steps=steps, cfg_scale=cfg_scale, sampler="maskgit")
+            for c in classes for i in range(per_class)]
+    codes = run_to_completion(sampler, model, reqs, (model.config.num_tokens,)).long()
+    return to_uint8(tokenizer.decode_codes(codes))
+
+
+def train_maskgit(cfg: MaskGITTrainConfig) -> Path:
+    run = cfg.run
+    device = setup_run(run)
+    tokenizer = models.load_pretrained(cfg.tokenizer).float().to(device)
+    if not isinstance(tokenizer, CODA):
+        raise ValueError(f"{cfg.tokenizer} holds a {type(tokenizer).__name__}; MaskGIT training needs a CODA folder")
+    out_dir = Path(run.out_dir)
+    images = load_training_images(cfg)
+    data = prepare_codes(cfg, tokenizer, images, cfg.data.train, Path(cfg.code_cache or out_dir / "codes.pt"),
+                         device, flip=cfg.encode_flip)
+    val = None
+    if cfg.val_images:
+        vimg = load_images(cfg.data.val, cfg.data.image_size, max_images=cfg.val_images)
+        val = prepare_codes(cfg, tokenizer, vimg, cfg.data.val, out_dir / "val_codes.pt", device)
+    trained = sorted(set(int(c) for c in data.labels.tolist()))
+    model = build_maskgit(cfg, tokenizer, trained, cfg.tokenizer_ref or cfg.tokenizer).to(device)
+    gcfg = model.config
+    p_drop = gcfg.class_dropout_prob if cfg.class_dropout is None else cfg.class_dropout
+    smoothing = gcfg.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing
+    codes_all, labels = data.images, data.labels
+    L = codes_all.shape[1]
+
+    trainer = Trainer(cfg, model, run)
+    trainer.add_optimizer("model", model.parameters(), cfg.optim)
+    trainer.maybe_resume()
+    sampler = EpochSampler(len(codes_all), run.batch_size, run.seed)
+    gen = torch.Generator()
+    used = int(torch.unique(codes_all).numel())
+    print(f"maskgit {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"{len(codes_all)} code rows of {L} ({used}/{gcfg.codebook_size} codes occur) of {len(trained)} classes, "
+          f"class dropout {p_drop}, label smoothing {smoothing}, from step {trainer.step}", flush=True)
+
+    def step_fn(step: int) -> dict[str, float]:
+        gen.manual_seed(run.seed * 1_000_003 + step)
+        idx = sampler.indices(step)
+        codes, y = codes_all[idx].to(device), labels[idx].to(device)
+        b = codes.shape[0]
+        mask = cosine_mask(b, L, gen, device)
+        drop = (torch.rand(b, generator=gen) < p_drop).to(device)
+        with trainer.autocast():
+            loss, acc = masked_loss(model, codes, y, mask, drop, smoothing)
+        return {"loss": float(loss.detach()), "accuracy": float(acc), "mask_ratio": float(mask.float().mean()),
+                "grad_norm": trainer.backward_step("model", loss)}
+
+    k = cfg.sample_classes
+    grid_classes = trained[:: max(1, len(trained) // k)][:k]
+
+    done: set[int] = set()
+
+    def on_sample(step: int) -> None:
+        if step in done:
+            return
+        done.add(step)
+        m = trainer.export_model
+        if val is not None:
+            res = {"event": "eval", "step": step,
+                   **validation_loss(m, val.images.to(device), val.labels.to(device), smoothing)}
+            trainer.log(res)
+            print("eval " + json.dumps(res), flush=True)
+        images = maskgit_samples(m, tokenizer, grid_classes, cfg.sample_per_class,
+                                 steps=cfg.sample_steps or gcfg.num_iter, cfg_scale=cfg.sample_cfg)
+        save_grid(images.cpu(), trainer.out / "samples" / f"samples_{step:06d}.png", nrow=cfg.sample_per_class,
+                  scale=2)
+        plot_losses(trainer.out / "metrics.jsonl", trainer.out / "loss.png")
+
+    trainer.fit(step_fn, batch_size=run.batch_size, on_sample=on_sample)
+    out = models.save_pretrained(trainer.export_model, trainer.out / "export", dtype=getattr(torch, run.export_dtype))
+    trainer.log({"event": "export", "path": str(out), "step": trainer.step, "images": trainer.images_seen,
+                 "elapsed_s": round(trainer.elapsed_now, 1), "cpu_s": round(trainer.cpu_now, 1)})
+    return out
+
+
+__all__ = ["CODATrainConfig", "MaskGITTrainConfig", "build_coda", "cached_vae_latents", "codes_of",
+           "encoder_fingerprint", "evaluate_coda", "maskgit_samples", "train_coda", "train_maskgit"]
