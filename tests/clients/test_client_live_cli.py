@@ -120,5 +120,18 @@ def test_bench_against_the_shipped_default_server(tmp_path: Path) -> None:
         assert run["requests"] == 8 and run["ok"] == 8 and set(run["by_op"]) <= {"encode", "decode", "generate"}
         with Image.open(tmp_path / "default.png") as im:
             assert im.format == "PNG"
+        # the other shipped folders are served too: MAR generates, CODA round-trips integer codes
+        import httpx
+
+        gen = httpx.post(f"{live.url}/v1/generate", json={"model": "default-mar", "class": 207, "seed": 0,
+                                                          "steps": 4}, headers={"accept": "image/png"}, timeout=120)
+        assert gen.status_code == 200 and gen.content[:4] == b"\x89PNG"
+        jpeg = real_images(1)[0]
+        codes = httpx.post(f"{live.url}/v1/encode?model=default-coda", content=jpeg,
+                           headers={"content-type": "image/jpeg"}, timeout=60)
+        assert codes.status_code == 200 and codes.json()["dtype"] == "int64" and codes.json()["shape"] == [1, 130]
+        body = {k: codes.json()[k] for k in ("shape", "dtype", "data")}
+        img = httpx.post(f"{live.url}/v1/decode?model=default-coda", json=body, timeout=60)
+        assert img.status_code == 200 and img.headers["content-type"] == "image/png"
     finally:
         live.stop()
