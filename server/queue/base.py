@@ -12,6 +12,7 @@ processes and machines.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -291,3 +292,22 @@ __all__ = [
     "Progress",
     "job_kind",
 ]
+
+
+class LocalIdleMixin:
+    """``close`` and ``drain`` of a backend that counts this process's accepted, unfinished work itself:
+    ``_closed`` refuses new submissions, ``_idle`` is set whenever that count is zero. Listed before
+    :class:`JobQueue` in the bases."""
+
+    _closed: bool
+    _idle: asyncio.Event
+
+    async def close(self) -> None:
+        self._closed = True
+
+    async def drain(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False

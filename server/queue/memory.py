@@ -17,7 +17,7 @@ from server.errors import (
     TokservError,
     to_wire,
 )
-from server.queue.base import TERMINAL, Job, JobEvent, JobInfo, JobQueue, JobResult, Progress
+from server.queue.base import TERMINAL, Job, JobEvent, JobInfo, JobQueue, JobResult, LocalIdleMixin, Progress
 
 MAX_IDEMPOTENCY_ENTRIES = 4096
 MAX_FINISHED_RECORDS = 256  # finished tracked jobs kept (with their results) beyond which the oldest go
@@ -79,7 +79,7 @@ class _Lanes:
         self._by_priority.clear()
 
 
-class InProcessQueue(JobQueue):
+class InProcessQueue(LocalIdleMixin, JobQueue):
     """Bounded queue per kind, highest priority first, FIFO within a priority. ``capacity`` bounds the jobs
     *waiting* per kind (not yet taken): a full kind answers QueueFull at once. ``clock`` gives wall-clock
     seconds (deadlines are wall-clock). Tracked jobs keep their state, events and result for ``job_ttl_s``
@@ -311,16 +311,6 @@ class InProcessQueue(JobQueue):
     def in_flight(self) -> int:
         """Accepted jobs not finished (waiting or running)."""
         return len(self._futures)
-
-    async def close(self) -> None:
-        self._closed = True
-
-    async def drain(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
 
     async def release(self) -> None:
         for pending in self._pending.values():

@@ -49,7 +49,7 @@ from server.errors import (
     to_wire,
 )
 from server.queue import redis_scripts as lua
-from server.queue.base import TERMINAL, Job, JobEvent, JobInfo, JobQueue, JobResult, Progress
+from server.queue.base import TERMINAL, Job, JobEvent, JobInfo, JobQueue, JobResult, LocalIdleMixin, Progress
 from server.queue.redis_scripts import GROUP, Keys, band_of
 from server.queue.wire import job_from_bytes, job_to_bytes, result_from_bytes, result_to_bytes
 
@@ -116,7 +116,7 @@ def _event_json(job_id: str, status: str, **data: Any) -> str:
     return json.dumps({"job": job_id, "status": status, "time": time.time(), **data}, separators=(",", ":"))
 
 
-class RedisQueue(JobQueue):
+class RedisQueue(LocalIdleMixin, JobQueue):  # drain: this process's waiting callers; jobs stay in Redis
     """One client per process. ``kinds``: what the API process serves (its /readyz needs a live worker for
     each); a worker process passes none and calls :meth:`announce` once its models are ready."""
 
@@ -163,17 +163,6 @@ class RedisQueue(JobQueue):
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        self._closed = True
-
-    async def drain(self, timeout: float) -> bool:
-        """Wait for this process's waiting callers (jobs stay in Redis for the workers)."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
 
     async def release(self) -> None:
         """Withdraw this worker's announcement, hand back every job it still holds, disconnect."""
