@@ -511,6 +511,13 @@ SMALL: dict[str, tuple[ImageFolderConfig, str]] = {
                           scales=(1, 2, 3, 4), notes="for fast tests"),
         "64px, patch 8, 2 branches x 30 codes (scales 1,2,3,4), 64 codes each, width 64 / depth 2 (tests)",
     ),
+    "imagefolder-s-64": (
+        ImageFolderConfig(image_size=64, patch_size=8, enc_width=128, enc_depth=4, enc_heads=4, dec_width=128,
+                          dec_depth=4, dec_heads=4, num_branches=2, code_dim=8, codebook_size=512,
+                          scales=(1, 2, 3, 4, 6, 8), codebook_drop=0.1, start_drop=2,
+                          notes="the shipped CPU-scale ImageFolder tokenizer (weights/default/imagefolder)"),
+        "64px, patch 8, 2 branches x 130 codes (scales 1,2,3,4,6,8), 512 codes each, width 128 / depth 4",
+    ),
 }
 
 

@@ -373,6 +373,11 @@ SMALL: dict[str, tuple[dict[str, Any], str]] = {
              tokenizer="imagefolder-tiny-64", cfg_scale=1.5, top_k=0, top_p=0.0),
         "tiny VAR for tests on imagefolder-tiny-64 codes (2 x 30, 64 each): width 64, depth 2",
     ),
+    "var-s-64": (
+        dict(depth=4, width=128, num_heads=4, scales=(1, 2, 3, 4, 6, 8), num_branches=2, codebook_size=512,
+             code_dim=16, tokenizer="default-imagefolder", cfg_scale=1.5, top_k=0, top_p=0.0),
+        "small VAR on imagefolder-s-64 codes (2 x 130, 512 each): width 128, depth 4 (the shipped CPU-scale model)",
+    ),
 }
 
 

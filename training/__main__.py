@@ -1,6 +1,6 @@
 """Command line: ``python -m training <command> ...`` (see training/README.md).
 
-Commands: ``tokenizer``, ``generator``, ``mar``, ``coda``, ``maskgit`` (train), ``eval-tokenizer``, ``eval-generator``, ``compute-latent-stats``,
+Commands: ``tokenizer``, ``generator``, ``mar``, ``coda``, ``maskgit``, ``var`` (train), ``eval-tokenizer``, ``eval-generator``, ``compute-latent-stats``,
 ``figures`` (the README's reconstruction and sample grids), ``configs`` (list the named training configurations).
 """
 
@@ -42,7 +42,7 @@ def _add_train(sub, name: str, default: str, help: str) -> None:
     p.add_argument("--out", help="run folder (shortcut for run.out_dir=...)")
     p.add_argument("--steps", type=int, help="total steps (run.steps)")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget (run.max_minutes)")
-    if name in ("generator", "mar", "maskgit"):
+    if name in ("generator", "mar", "maskgit", "var"):
         p.add_argument("--tokenizer", help="tokenizer serving folder (shortcut for tokenizer=...)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 run.batch_size=64")
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_train(sub, "mar", "mar-default", "train a MAR generator (the generator command, default config mar-default)")
     _add_train(sub, "coda", "coda-taef2", "train a CODA discrete tokenizer on the frozen TAEF2 (training/discrete.py)")
     _add_train(sub, "maskgit", "maskgit-taef2", "train MaskGIT on the codes of a CODA tokenizer folder")
+    _add_train(sub, "var", "var-imagefolder", "train VAR on the codes of a multi-scale ImageFolder tokenizer folder")
     sub.add_parser("configs", help="list the named training configurations")
     p = sub.add_parser("figures", help="write reconstructions.png and samples.png (the README figures)")
     p.add_argument("--tokenizer", default="weights/default/tokenizer")
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from training import (
         discrete,  # noqa: F401  (registers the coda / maskgit configs)
         evaluate,
+        var,  # noqa: F401  (registers the var configs)
     )
 
     evaluate.add_commands(sub)
@@ -113,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
         train = train_coda if args.command == "coda" else train_maskgit
         print(train(_train_config(args, args.command)))
+        return 0
+    if args.command == "var":
+        from training.var import train_var
+
+        print(train_var(_train_config(args, "var")))
         return 0
     return evaluate.run_command(args)
 

@@ -182,20 +182,20 @@ def maskgit_tiny() -> MaskGITTrainConfig:
 
 @C.named
 def maskgit_taef2() -> MaskGITTrainConfig:
-    """The shipped MaskGIT: width 256, depth 5, 4 heads, MLP ratio 3 (4.1 M parameters, 8.2 MB fp16) on the
-    codes of 20k Tiny ImageNet train images (200 classes) under the coda-taef2-image export, one CPU thread,
-    30 CPU minutes (a few hundred steps of 32: about one epoch)."""
+    """The shipped MaskGIT (``weights/default/maskgit``, served as ``default-maskgit``): width 160, depth 4,
+    4 heads, MLP ratio 3 (1.5 M parameters, 3 MB fp16) on the codes that the shipped ``default-coda`` gives
+    20k Tiny ImageNet train images (200 classes), one CPU thread, 60 CPU minutes."""
     return MaskGITTrainConfig(
         model="maskgit-s",
-        model_overrides={"hidden_size": 256, "depth": 5, "num_heads": 4, "mlp_ratio": 3.0, "num_iter": 12},
-        tokenizer="runs/coda-taef2-image/export",
-        tokenizer_ref="coda-taef2",  # the served name of weights/discrete/coda-taef2
+        model_overrides={"hidden_size": 160, "depth": 4, "num_heads": 4, "mlp_ratio": 3.0, "num_iter": 12},
+        tokenizer="weights/default/coda",
+        tokenizer_ref="default-coda",  # the served name of weights/default/coda
         data=DataConfig(max_images=20000, flip=False),
         val_images=500,
-        optim=OptimConfig(lr=8e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=50, min_lr_ratio=0.05),
-        run=RunConfig(out_dir="runs/maskgit-taef2", steps=20000, max_minutes=30, budget_clock="cpu", batch_size=32,
-                      threads=1, ema_decay=0.999, log_every=10, ckpt_every=100, ckpt_every_minutes=4,
-                      sample_every=200),
+        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=100, min_lr_ratio=0.05),
+        run=RunConfig(out_dir="runs/maskgit-taef2", steps=40000, max_minutes=60, budget_clock="cpu", batch_size=32,
+                      threads=1, ema_decay=0.999, log_every=20, ckpt_every=500, ckpt_every_minutes=5,
+                      sample_every=500),
     )
 
 

@@ -120,9 +120,12 @@ def eval_tokenizer(model: nn.Module, *, data: str = "tiny-val", n: int = 10000, 
 
 
 def resolve_tokenizer_path(ref: str, generator_folder: str | Path) -> str:
-    """The generator config's ``tokenizer`` field: a path as given, relative to the generator folder, or
-    a sibling ``tokenizer`` folder."""
-    for cand in (Path(ref), Path(generator_folder) / ref, Path(generator_folder).parent / "tokenizer"):
+    """The generator config's ``tokenizer`` field: a path as given, relative to the generator folder, a
+    sibling folder of that name (``default-<name>`` refers to the sibling ``<name>``, as the server names the
+    folders of ``weights/default``), or a sibling ``tokenizer`` folder."""
+    parent = Path(generator_folder).parent
+    sibling = ref.removeprefix("default-") if parent.name == "default" else ref
+    for cand in (Path(ref), Path(generator_folder) / ref, parent / sibling, parent / "tokenizer"):
         if ref and cand.is_dir():
             return str(cand)
     raise FileNotFoundError(f"tokenizer {ref!r} of {generator_folder} not found; pass --tokenizer")
@@ -148,18 +151,25 @@ def sample_requests(config, labels: list[int], *, steps: int, cfg_scale: float, 
 def generate(generator: nn.Module, tokenizer: nn.Module, classes: list[int], per_class: int, *, cfg_scale: float,
              steps: int, sampler_name: str, batch_size: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 3, H, W) and labels (N,), ``per_class`` per class, seeds ``seed + i``; the sampler is
-    ``get_sampler(sampler_name, config)`` (SiT, DiT or MAR), fed the module itself."""
-    from models.sampling import get_sampler, run_to_completion
+    ``get_sampler(sampler_name, config)`` fed the module itself. SiT / DiT / MAR latents are denormalised and
+    decoded; MaskGIT / VAR codes go through the tokenizer's ``decode_codes`` (VAR's sampler also takes the
+    tokenizer, for its next-scale inputs)."""
+    from models.sampling import CODE_FAMILIES, get_sampler, output_shape, run_to_completion
 
     g = generator.config
-    sampler = get_sampler(sampler_name, g)
+    family = getattr(g, "family", "")
+    sampler = get_sampler(sampler_name, g, **({"tokenizer": tokenizer} if family == "var" else {}))
+    shape, _ = output_shape(g)
     labels = torch.tensor([c for c in classes for _ in range(per_class)])
     reqs = sample_requests(g, labels.tolist(), steps=steps, cfg_scale=cfg_scale, sampler_name=sampler_name,
                            seed=seed)
     out = []
     for i in range(0, len(reqs), batch_size):
-        lat = run_to_completion(sampler, generator, reqs[i : i + batch_size], (g.num_tokens, g.token_dim)).float()
-        out.append(to_uint8(tokenizer.decode(tokenizer.denormalize_latents(lat))))
+        res = run_to_completion(sampler, generator, reqs[i : i + batch_size], shape)
+        if family in CODE_FAMILIES:
+            out.append(to_uint8(tokenizer.decode_codes(res.long())))
+        else:
+            out.append(to_uint8(tokenizer.decode(tokenizer.denormalize_latents(res.float()))))
     return torch.cat(out), labels
 
 
@@ -197,7 +207,8 @@ def eval_generator(folder: str, *, tokenizer: str | None = None, per_class: int 
         t1 = time.time()
         images, labels = generate(gen, tok, classes, per_class, cfg_scale=s, steps=steps, sampler_name=sampler,
                                   batch_size=batch_size)
-        run = {"cfg_scale": s, "guidance_interval": [g.guidance_low, g.guidance_high], "n": len(images)}
+        run = {"cfg_scale": s, "guidance_interval": [getattr(g, "guidance_low", 0.0), getattr(g, "guidance_high", 1.0)],
+               "n": len(images)}
         if inception is not None:
             run["gfid"] = frechet_distance(FeatureStats.of(inception.features(images)), ref_stats)
         run["classifier_top1"] = classifier_accuracy(clf, images, labels)

@@ -62,8 +62,9 @@ def adamw(params, opt: OptimConfig) -> torch.optim.AdamW:
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point parameters and buffers. The effective decay
-    warms up as ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the init."""
+    """Exponential moving average of a model's parameters; buffers (running statistics, constant masks such as
+    VAR's ``-inf`` attention bias, where a lerp would give NaN) are copied. The effective decay warms up as
+    ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the init."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
@@ -74,12 +75,12 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        src = model.state_dict()
-        for k, v in self.model.state_dict().items():
-            if v.is_floating_point():
-                v.lerp_(src[k].to(v.dtype), 1 - d)
-            else:
-                v.copy_(src[k])
+        params = dict(model.named_parameters())
+        for k, v in self.model.named_parameters():
+            v.lerp_(params[k].detach().to(v.dtype), 1 - d)
+        buffers = dict(model.named_buffers())
+        for k, v in self.model.named_buffers():
+            v.copy_(buffers[k])
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "updates": self.updates, "decay": self.decay}

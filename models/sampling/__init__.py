@@ -34,6 +34,22 @@ FAMILY_SAMPLERS = {"sit": ("euler", "heun", "sde"), "dit": ("ddpm", "ddim"), "ma
 DENOISER_FAMILIES = ("sit", "dit")
 
 
+# families whose samples are integer codes, turned into images by the tokenizer's ``decode_codes``
+CODE_FAMILIES = ("maskgit", "var")
+
+
+def output_shape(config: Any) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype) of one sample of a generator config: latents (L, D) float32 for SiT / DiT / MAR,
+    codes (L,) int64 for MaskGIT and (G, L) int64 (branches x pyramid positions) for VAR; ``shape`` is what
+    :func:`run_to_completion` takes."""
+    family = getattr(config, "family", "")
+    if family == "maskgit":
+        return (config.num_tokens,), "int64"
+    if family == "var":
+        return (config.num_branches, config.num_tokens), "int64"
+    return (config.num_tokens, config.token_dim), "float32"
+
+
 def _family_and_config(model: Any) -> tuple[str, Any]:
     if isinstance(model, str):
         return model.lower(), None

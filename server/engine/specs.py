@@ -138,11 +138,9 @@ def _read(entry: str) -> tuple[str, str, bool, Any]:
 
 def _generator_token_shape(cfg: Any) -> tuple[tuple[int, ...], str]:
     """(shape, dtype) of one image's generator output: latents (L, D) or codes (L,) / (G, L)."""
-    if cfg.family == "maskgit":
-        return (cfg.num_tokens,), "int64"
-    if cfg.family == "var":
-        return (cfg.num_branches, cfg.num_tokens), "int64"
-    return (cfg.num_tokens, cfg.token_dim), "float32"
+    from models.sampling import output_shape
+
+    return output_shape(cfg)
 
 
 def _generator_defaults(cfg: Any) -> dict[str, Any]:

@@ -161,3 +161,13 @@ def test_image_space_phase_adds_decoder_lora(runs, tmp_path: Path) -> None:
     src = models.load_pretrained(runs["coda"] / "export")
     enc = {k: v for k, v in tok.state_dict().items() if k.startswith("vae.encoder")}
     assert all(torch.equal(v, src.state_dict()[k]) for k, v in enc.items())  # the encoder stays frozen
+
+
+def test_eval_generator_samples_maskgit_codes(runs) -> None:
+    from training.evaluate import eval_generator
+
+    res = eval_generator(str(runs["maskgit"] / "export"), tokenizer=str(runs["coda"] / "export"), per_class=1,
+                         cfg_scales=(2.0,), ref_n=64, fid=False, batch_size=16)
+    run = res["runs"][0]
+    assert res["sampler"] == "maskgit" and res["steps"] == 4 and run["n"] == res["classes"] > 0
+    assert 0.0 <= run["classifier_top1"] <= 1.0

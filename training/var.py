@@ -1,0 +1,274 @@
+"""VAR (next-scale prediction) on the codes of a multi-scale ImageFolder tokenizer (issue #7).
+
+``python -m training var --config var-imagefolder --tokenizer runs/imagefolder-s-64/export``
+(:func:`train_var`):
+
+1. encodes the training images once with the frozen tokenizer (eval mode: no quantizer dropout) into codes
+   (N, G, L) int64, cached in ``<out_dir>/codes.pt`` and keyed by the tokenizer's weight files and the data
+   selection;
+2. builds the VAR with the tokenizer's scales, branches, codebook size and code width (``G * C``), and the
+   classes it sees (``trained_classes``, ImageNet-1k ids; the last class row is the null class);
+3. trains teacher-forced: the input of scales 1..S-1 is the tokenizer's ``teacher_forcing_input`` (the
+   area-downsampled running f_hat, as the published ``idxBl_to_var_input``), the target every position's code
+   in each branch, cross-entropy with a separate softmax per branch (logits (B, L, G*V) viewed as
+   (B, L, G, V)), label smoothing optional, class dropout (``cond_drop``) inside the model, EMA weights;
+4. logs, at each sample step, the loss / accuracy on held-out validation codes, and saves a sample grid
+   decoded by the tokenizer (:class:`models.sampling.var.VARSampler`, guidance ramped over scales);
+5. exports ``<out_dir>/export`` with ``tokenizer`` (``tokenizer_ref``: the served name) and
+   ``trained_classes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import models
+from models.var import VAR, tokenizer_matches
+from training import config as C
+from training.config import DataConfig, OptimConfig, RunConfig
+from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
+from training.latents import weights_fingerprint
+from training.plots import plot_losses, save_grid
+from training.tokenizer import load_training_images
+from training.trainer import Trainer, setup_run
+
+
+@dataclass
+class VARTrainConfig:
+    """Training of a VAR generator on the codes of an ImageFolder serving folder (module docstring)."""
+
+    model: str = "var-s-64"  # a registered VAR configuration; scales / branches / codebook come from the tokenizer
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # a VAR serving folder to continue from
+    tokenizer: str = "runs/imagefolder-s-64/export"  # ImageFolder serving folder whose codes we model
+    tokenizer_ref: str | None = None  # what the exported config's `tokenizer` says (default: the path)
+    code_cache: str | None = None  # default <out_dir>/codes.pt
+    encode_batch_size: int = 100
+    encode_flip: bool = False  # also encode mirrored images (doubles the code set)
+    label_smoothing: float = 0.0
+    val_images: int = 0  # held-out images (data.val) whose teacher-forced loss is logged at each sample step
+    sample_cfg: float = 1.5
+    sample_classes: int = 8  # sample grid: rows (classes spread over the trained ones) ...
+    sample_per_class: int = 4  # ... and columns
+    data: DataConfig = field(default_factory=lambda: DataConfig(flip=False))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                                                   warmup_steps=200))
+    run: RunConfig = field(default_factory=lambda: RunConfig(ema_decay=0.999))
+    kind: str = "var"
+
+
+C.TRAIN_KINDS["var"] = VARTrainConfig
+
+
+@C.named
+def var_tiny() -> VARTrainConfig:
+    """CI: var-tiny-64 on the codes of an imagefolder-tiny-64 export (a few dozen real images)."""
+    return VARTrainConfig(
+        model="var-tiny-64",
+        tokenizer="runs/imagefolder-tiny/export",
+        data=DataConfig(train="tiny-val", max_images=32, flip=False),
+        val_images=16, sample_classes=2, sample_per_class=2, encode_batch_size=32,
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
+        run=RunConfig(out_dir="runs/var-tiny", steps=20, batch_size=16, log_every=5, ckpt_every=100,
+                      sample_every=20, ema_decay=0.9, threads=1),
+    )
+
+
+@C.named
+def var_imagefolder() -> VARTrainConfig:
+    """The shipped VAR (``weights/default/var``, served as ``default-var``): var-s-64, width 128, depth 4,
+    4 heads (1.5 M parameters, 3 MB fp16) on the codes that the shipped ``default-imagefolder`` gives 20k Tiny
+    ImageNet train images (200 classes), one CPU thread, 40 CPU minutes."""
+    return VARTrainConfig(
+        model="var-s-64",
+        tokenizer="weights/default/imagefolder",
+        tokenizer_ref="default-imagefolder",
+        data=DataConfig(max_images=20000, flip=False),
+        val_images=500,
+        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=100, min_lr_ratio=0.05),
+        run=RunConfig(out_dir="runs/var-imagefolder", steps=40000, max_minutes=40, budget_clock="cpu",
+                      batch_size=32, threads=1, ema_decay=0.999, log_every=20, ckpt_every=500,
+                      ckpt_every_minutes=5, sample_every=500),
+    )
+
+
+def _tuple_fields(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def load_tokenizer(path: str, device: torch.device | str = "cpu") -> nn.Module:
+    """The frozen multi-scale tokenizer a VAR models (it needs ``teacher_forcing_input``)."""
+    tok = models.load_pretrained(path).float().to(device).eval()
+    if not hasattr(tok, "teacher_forcing_input") or len(getattr(tok.config, "scales", ())) < 2:
+        raise ValueError(f"{path} holds a {type(tok).__name__} without multi-scale residual codes; VAR training "
+                         f"needs an ImageFolder tokenizer with more than one scale")
+    tok.requires_grad_(False)
+    return tok
+
+
+@torch.no_grad()
+def encode_codes(tokenizer: nn.Module, images: ImageSet, *, batch_size: int, device: torch.device | str,
+                 flip: bool = False) -> ImageSet:
+    """Codes (N, G, L) int64 of uint8 ``images`` (mirrored copies appended when ``flip``) and their labels."""
+    src = torch.cat([images.images, images.images.flip(-1)]) if flip else images.images
+    labels = torch.cat([images.labels, images.labels]) if flip else images.labels
+    codes = [tokenizer.encode(to_float(src[i : i + batch_size]).to(device)).cpu() for i in range(0, len(src), batch_size)]
+    return ImageSet(torch.cat(codes), labels)
+
+
+def cached_codes(cfg: VARTrainConfig, tokenizer: nn.Module, images: ImageSet, source: str, path: Path,
+                 device: torch.device | str, flip: bool = False) -> ImageSet:
+    """:func:`encode_codes`, read from / written to ``path`` (keyed by the tokenizer's weight files and the
+    data selection)."""
+    d = cfg.data
+    key = json.dumps([weights_fingerprint(cfg.tokenizer), source, d.num_classes, d.classes, len(images),
+                      d.image_size, flip])
+    if path.exists():
+        c = torch.load(path, weights_only=True)
+        if c.get("key") == key:
+            return ImageSet(c["codes"], c["labels"])
+    out = encode_codes(tokenizer, images, batch_size=cfg.encode_batch_size, device=device, flip=flip)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "codes": out.images, "labels": out.labels}, tmp)
+    os.replace(tmp, path)
+    return out
+
+
+def build_var(cfg: VARTrainConfig, tokenizer: nn.Module, trained_classes: list[int], ref: str) -> VAR:
+    """The VAR to train: its shape fields follow the tokenizer; ``init_from`` continues a serving folder."""
+    t = tokenizer.config
+    overrides = {"trained_classes": tuple(trained_classes), "tokenizer": ref, "scales": tuple(t.scales),
+                 "num_branches": t.num_branches, "codebook_size": t.codebook_size,
+                 "code_dim": t.num_branches * t.code_dim, **_tuple_fields(cfg.model_overrides)}
+    if cfg.init_from:
+        model = models.load_pretrained(cfg.init_from).float()
+        model.config = dataclasses.replace(model.config, **overrides)
+    else:
+        model = models.create_model(cfg.model, **overrides)
+    if not isinstance(model, VAR) or not tokenizer_matches(model.config, t):
+        raise ValueError(f"{cfg.model} does not model the codes of {cfg.tokenizer}")
+    return model
+
+
+def var_loss(model: VAR, tokenizer: nn.Module, codes: torch.Tensor, labels: torch.Tensor,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced cross-entropy over every position of every branch (separate softmax per branch) and
+    the argmax accuracy; codes (B, G, L) int64, labels (B,) (the model applies its class dropout in
+    training mode)."""
+    cfg = model.config
+    with torch.no_grad():
+        x_tf = tokenizer.teacher_forcing_input(codes)
+    logits = model(labels, x_tf)  # (B, L, G*V)
+    B, L, _ = logits.shape
+    logits = logits.view(B, L, cfg.num_branches, cfg.codebook_size)
+    target = codes.transpose(1, 2)  # (B, L, G)
+    loss = F.cross_entropy(logits.reshape(-1, cfg.codebook_size), target.reshape(-1), label_smoothing=label_smoothing)
+    acc = (logits.argmax(-1) == target).float().mean()
+    return loss, acc
+
+
+@torch.no_grad()
+def validation_loss(model: VAR, tokenizer: nn.Module, codes: torch.Tensor, labels: torch.Tensor,
+                    label_smoothing: float = 0.0, batch_size: int = 100) -> dict[str, float]:
+    """Teacher-forced loss / accuracy on held-out codes (eval mode: labels kept)."""
+    model.eval()
+    tot_l, tot_a, n = 0.0, 0.0, 0
+    for i in range(0, len(codes), batch_size):
+        c, y = codes[i : i + batch_size], labels[i : i + batch_size]
+        loss, acc = var_loss(model, tokenizer, c, y, label_smoothing)
+        tot_l, tot_a, n = tot_l + float(loss) * len(c), tot_a + float(acc) * len(c), n + len(c)
+    return {"val_loss": round(tot_l / n, 4), "val_accuracy": round(tot_a / n, 4)}
+
+
+@torch.no_grad()
+def var_samples(model: VAR, tokenizer: nn.Module, classes: list[int], per_class: int, *, cfg_scale: float,
+                seed: int = 0) -> torch.Tensor:
+    """uint8 images (len(classes) * per_class, 3, H, W) sampled with VARSampler, decoded by the tokenizer."""
+    from models.sampling import SampleRequest, get_sampler, run_to_completion
+
+    model.eval()
+    g = model.config
+    sampler = get_sampler("var", model, tokenizer=tokenizer, device=next(model.parameters()).device)
+    reqs = [SampleRequest(class_id=c, seed=seed + i, steps=g.num_scales, cfg_scale=cfg_scale, sampler="var")
+            for c in classes for i in range(per_class)]
+    codes = run_to_completion(sampler, model, reqs, (g.num_branches, g.num_tokens)).long()
+    return to_uint8(tokenizer.decode_codes(codes))
+
+
+def train_var(cfg: VARTrainConfig) -> Path:
+    run = cfg.run
+    device = setup_run(run)
+    tokenizer = load_tokenizer(cfg.tokenizer, device)
+    out_dir = Path(run.out_dir)
+    images = load_training_images(cfg)
+    data = cached_codes(cfg, tokenizer, images, cfg.data.train, Path(cfg.code_cache or out_dir / "codes.pt"), device,
+                        flip=cfg.encode_flip)
+    val = None
+    if cfg.val_images:
+        vimg = load_images(cfg.data.val, cfg.data.image_size, max_images=cfg.val_images)
+        val = cached_codes(cfg, tokenizer, vimg, cfg.data.val, out_dir / "val_codes.pt", device)
+    trained = sorted(set(int(c) for c in data.labels.tolist()))
+    model = build_var(cfg, tokenizer, trained, cfg.tokenizer_ref or cfg.tokenizer).to(device)
+    g = model.config
+    codes_all, labels = data.images, data.labels
+
+    trainer = Trainer(cfg, model, run)
+    trainer.add_optimizer("model", model.parameters(), cfg.optim)
+    trainer.maybe_resume()
+    sampler = EpochSampler(len(codes_all), run.batch_size, run.seed)
+    used = [int(torch.unique(codes_all[:, b]).numel()) for b in range(g.num_branches)]
+    print(f"var {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"{len(codes_all)} code pyramids of {g.num_branches} x {g.num_tokens} (scales "
+          f"{','.join(map(str, g.scales))}; codes occurring per branch {used} of {g.codebook_size}) of "
+          f"{len(trained)} classes, class dropout {g.cond_drop}, from step {trainer.step}", flush=True)
+
+    def step_fn(step: int) -> dict[str, float]:
+        torch.manual_seed(run.seed * 1_000_003 + step)  # the model's class dropout draws from the global RNG
+        idx = sampler.indices(step)
+        codes, y = codes_all[idx].to(device), labels[idx].to(device)
+        model.train()
+        with trainer.autocast():
+            loss, acc = var_loss(model, tokenizer, codes, y, cfg.label_smoothing)
+        return {"loss": float(loss.detach()), "accuracy": float(acc), "grad_norm": trainer.backward_step("model", loss)}
+
+    k = cfg.sample_classes
+    grid_classes = trained[:: max(1, len(trained) // k)][:k]
+    done: set[int] = set()
+
+    def on_sample(step: int) -> None:
+        if step in done:  # fit() also calls it after the last step
+            return
+        done.add(step)
+        m = trainer.export_model
+        if val is not None:
+            res = {"event": "eval", "step": step,
+                   **validation_loss(m, tokenizer, val.images.to(device), val.labels.to(device), cfg.label_smoothing)}
+            trainer.log(res)
+            print("eval " + json.dumps(res), flush=True)
+        images = var_samples(m, tokenizer, grid_classes, cfg.sample_per_class, cfg_scale=cfg.sample_cfg)
+        save_grid(images.cpu(), trainer.out / "samples" / f"samples_{step:06d}.png", nrow=cfg.sample_per_class,
+                  scale=2)
+        plot_losses(trainer.out / "metrics.jsonl", trainer.out / "loss.png")
+
+    trainer.fit(step_fn, batch_size=run.batch_size, on_sample=on_sample)
+    m = trainer.export_model
+    m.config = dataclasses.replace(
+        m.config, trained_classes=tuple(trained), tokenizer=cfg.tokenizer_ref or cfg.tokenizer)
+    out = models.save_pretrained(m, trainer.out / "export", dtype=getattr(torch, run.export_dtype))
+    trainer.log({"event": "export", "path": str(out), "step": trainer.step, "images": trainer.images_seen,
+                 "elapsed_s": round(trainer.elapsed_now, 1), "cpu_s": round(trainer.cpu_now, 1)})
+    return out
+
+
+__all__ = ["VARTrainConfig", "build_var", "cached_codes", "encode_codes", "train_var", "var_loss", "var_samples",
+           "validation_loss"]
