@@ -17,7 +17,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -152,20 +152,12 @@ class JobEvent:
 
 
 @dataclass
-class JobInfo:
-    """What ``GET /v1/jobs/{id}`` reports. Times are epoch seconds; ``step`` of ``steps`` is the slowest
-    row's progress (generation only); ``error`` is ``{"type", "message"}`` once failed; ``result`` is set once
-    completed (until it expires)."""
+class JobState:
+    """The part of a job's record that changes while it runs, kept by every backend: ``status``, times in
+    epoch seconds, ``step`` of ``steps`` (the slowest row's progress; generation only), how often it was
+    delivered to a worker, ``error`` (``{"type", "message"}``) once failed and ``result`` once completed."""
 
-    id: str
-    op: str
-    model: str
-    status: str
-    request_id: str
-    priority: int
-    submitted_at: float
-    deadline: float | None
-    meta: dict[str, Any]
+    status: str = "queued"
     started_at: float | None = None
     finished_at: float | None = None
     step: int | None = None
@@ -173,6 +165,28 @@ class JobInfo:
     deliveries: int = 0
     error: dict[str, str] | None = None
     result: JobResult | None = None
+
+
+@dataclass(kw_only=True)
+class JobInfo(JobState):
+    """What ``GET /v1/jobs/{id}`` reports: the job's identity and request fields plus its :class:`JobState`
+    (``result`` until it expires)."""
+
+    id: str
+    op: str
+    model: str
+    request_id: str
+    priority: int
+    submitted_at: float
+    deadline: float | None
+    meta: dict[str, Any]
+
+    @classmethod
+    def of(cls, job: Job, state: JobState) -> JobInfo:
+        """A report of ``job`` in ``state``."""
+        return cls(id=job.id, op=job.op, model=job.model, request_id=job.request_id, priority=job.priority,
+                   submitted_at=job.submitted_at, deadline=job.deadline, meta=job.meta,
+                   **{f.name: getattr(state, f.name) for f in fields(JobState)})
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,17 @@ from server.errors import (
     TokservError,
     to_wire,
 )
-from server.queue.base import TERMINAL, Job, JobEvent, JobInfo, JobQueue, JobResult, LocalIdleMixin, Progress
+from server.queue.base import (
+    TERMINAL,
+    Job,
+    JobEvent,
+    JobInfo,
+    JobQueue,
+    JobResult,
+    JobState,
+    LocalIdleMixin,
+    Progress,
+)
 
 MAX_IDEMPOTENCY_ENTRIES = 4096
 MAX_FINISHED_RECORDS = 256  # finished tracked jobs kept (with their results) beyond which the oldest go
@@ -31,21 +41,13 @@ class _Remembered:
     expires_at: float = float("inf")  # set when the job finishes
 
 
-@dataclass
-class _Record:
-    """A tracked (jobs API) job: its state, its event log, and its result once completed."""
+@dataclass(kw_only=True)
+class _Record(JobState):
+    """A tracked (jobs API) job: its :class:`JobState`, its event log, and its result once completed."""
 
     job: Job
-    status: str = "queued"
     events: list[JobEvent] = field(default_factory=list)
     signal: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) on every new event
-    started_at: float | None = None
-    finished_at: float | None = None
-    step: int | None = None
-    steps: int | None = None
-    deliveries: int = 0
-    error: dict[str, str] | None = None
-    result: JobResult | None = None
 
 
 class _Lanes:
@@ -147,7 +149,7 @@ class InProcessQueue(LocalIdleMixin, JobQueue):
                 self._remembered.popitem(last=False)
         if job.tracked:
             self._forget_expired()
-            record = self._records[job.id] = _Record(job)
+            record = self._records[job.id] = _Record(job=job)
             self._emit(record, "queued", priority=job.priority)
         pending.append(job)
         self._event(job.kind).set()
@@ -373,11 +375,7 @@ def _event_index(after: str | None) -> int:
 
 
 def _info(r: _Record) -> JobInfo:
-    j = r.job
-    return JobInfo(id=j.id, op=j.op, model=j.model, status=r.status, request_id=j.request_id,
-                   priority=j.priority, submitted_at=j.submitted_at, deadline=j.deadline, meta=j.meta,
-                   started_at=r.started_at, finished_at=r.finished_at, step=r.step, steps=r.steps,
-                   deliveries=r.deliveries, error=r.error, result=r.result)
+    return JobInfo.of(r.job, r)
 
 
 def _consume(future: asyncio.Future[JobResult]) -> None:
