@@ -50,14 +50,33 @@ def image_size_of(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def reconstruct(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> reconstructed uint8 (N, 3, H, W)."""
+def reconstruct(model: nn.Module, images: torch.Tensor, batch_size: int, codes_out: list | None = None
+                ) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> reconstructed uint8 (N, 3, H, W). A discrete tokenizer's integer codes are
+    decoded by ``decode_codes`` (and appended to ``codes_out`` when given)."""
     out = []
     for i in range(0, images.shape[0], batch_size):
         x = to_float(images[i : i + batch_size])
-        codes_or_tokens = model.encode(x)  # discrete tokenizers: integer codes, decoded by decode_codes
+        codes_or_tokens = model.encode(x)
+        if codes_out is not None and hasattr(model, "decode_codes"):
+            codes_out.append(codes_or_tokens.cpu())
         out.append(to_uint8(getattr(model, "decode_codes", model.decode)(codes_or_tokens)))
     return torch.cat(out)
+
+
+def codebook_usage(codes: torch.Tensor, codebook_size: int) -> dict:
+    """Distinct codes and the perplexity of their histogram: in all, and per branch when ``codes`` is
+    (N, G, L) (ImageFolder: one codebook per branch)."""
+    def one(c: torch.Tensor) -> dict:
+        counts = torch.bincount(c.reshape(-1), minlength=codebook_size).double()
+        p = counts / counts.sum()
+        ppl = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+        return {"codes_used": int((counts > 0).sum()), "perplexity": round(ppl, 1)}
+
+    res = {"codebook_size": codebook_size, **one(codes)}
+    if codes.dim() == 3:
+        res["per_branch"] = [one(codes[:, g]) for g in range(codes.shape[1])]
+    return res
 
 
 def real_features(inception: InceptionFeatures, source: str, n: int, size: int, cache_dir: str | Path,
@@ -96,7 +115,8 @@ def eval_tokenizer(model: nn.Module, *, data: str = "tiny-val", n: int = 10000, 
         real, real_f = real_features(inception, data, n, size, cache_dir)
     else:
         real, real_f = load_images(data, size, max_images=n), None
-    rec = reconstruct(model, real.images, batch_size)
+    codes: list[torch.Tensor] = []
+    rec = reconstruct(model, real.images, batch_size, codes)
     lp = LPIPS(lpips_net)
     with torch.no_grad():
         lpips_vals = torch.cat([lp(to_float(real.images[i : i + batch_size]), to_float(rec[i : i + batch_size]))
@@ -109,6 +129,8 @@ def eval_tokenizer(model: nn.Module, *, data: str = "tiny-val", n: int = 10000, 
         "ssim": float(ssim(real.images, rec).mean()),
         f"lpips_{lpips_net}": float(lpips_vals.mean()),
     }
+    if codes and hasattr(model.config, "codebook_size"):
+        result["codebook_usage"] = codebook_usage(torch.cat(codes), int(model.config.codebook_size))
     if inception is not None:
         rec_f = inception.features(rec)
         result["rfid"] = frechet_distance(FeatureStats.of(rec_f), FeatureStats.of(real_f))

@@ -56,3 +56,18 @@ def test_figures_command_writes_both_grids(tmp_path) -> None:
     row = 64 * 2  # 2x upscaled rows, plus the grid's padding
     assert 3 * row <= recon.height < 4 * row  # original, default tokenizer, TAEF2
     assert 8 * row <= samples.height < 9 * row and samples.width > 8 * row  # 8 classes of 8 samples
+
+
+def test_eval_tokenizer_reports_codebook_usage_of_a_discrete_tokenizer(tmp_path) -> None:
+    from training.evaluate import codebook_usage
+
+    torch.manual_seed(0)
+    folder = models.save_pretrained(models.create_model("imagefolder-tiny-64"), tmp_path / "imagefolder")
+    out = tmp_path / "if.json"
+    assert main(["eval-tokenizer", "--model", str(folder), "--n", "16", "--no-fid", "--out", str(out)]) == 0
+    use = json.loads(out.read_text())["codebook_usage"]
+    assert use["codebook_size"] == 64 and 1 <= use["codes_used"] <= 64 and len(use["per_branch"]) == 2
+    assert all(1 <= b["codes_used"] <= use["codes_used"] for b in use["per_branch"])
+    # the definition: distinct codes, and exp(entropy) of the histogram
+    u = codebook_usage(torch.tensor([[0, 0, 1, 3]]), 8)
+    assert u["codes_used"] == 3 and abs(u["perplexity"] - 2.0 ** 1.5) < 0.05 and "per_branch" not in u
