@@ -133,5 +133,16 @@ def test_bench_against_the_shipped_default_server(tmp_path: Path) -> None:
         body = {k: codes.json()[k] for k in ("shape", "dtype", "data")}
         img = httpx.post(f"{live.url}/v1/decode?model=default-coda", json=body, timeout=60)
         assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+        # the ImageFolder tokenizer's two branches of 130 codes round-trip; MaskGIT and VAR generate
+        codes = httpx.post(f"{live.url}/v1/encode?model=default-imagefolder", content=jpeg,
+                           headers={"content-type": "image/jpeg"}, timeout=60)
+        assert codes.status_code == 200 and codes.json()["shape"] == [1, 2, 130]
+        body = {k: codes.json()[k] for k in ("shape", "dtype", "data")}
+        img = httpx.post(f"{live.url}/v1/decode?model=default-imagefolder", json=body, timeout=60)
+        assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+        for name in ("default-maskgit", "default-var"):
+            gen = httpx.post(f"{live.url}/v1/generate", json={"model": name, "class": 207, "seed": 0},
+                             headers={"accept": "image/png"}, timeout=120)
+            assert gen.status_code == 200 and gen.content[:4] == b"\x89PNG", (name, gen.text[:200])
     finally:
         live.stop()
