@@ -88,22 +88,19 @@ class CODATrainConfig:
 
 
 @dataclass
-class MaskGITTrainConfig:
-    """Training of a MaskGIT generator on the codes of a CODA serving folder (module docstring)."""
+class CodeGeneratorTrainConfig:
+    """What the trainers of generators over a discrete tokenizer's codes share (MaskGIT here, VAR in
+    :mod:`training.var`): the frozen tokenizer folder, the code cache, held-out evaluation and sample grids."""
 
-    model: str = "maskgit-s"  # a registered MaskGIT configuration (num_tokens / codebook_size: the tokenizer's)
+    model: str = ""  # a registered generator configuration (its code shape fields come from the tokenizer)
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    init_from: str | None = None
-    tokenizer: str = "runs/coda-taef2-image/export"  # CODA serving folder whose codes we model
+    init_from: str | None = None  # a serving folder of the same generator to continue from
+    tokenizer: str = ""  # the tokenizer serving folder whose codes we model
     tokenizer_ref: str | None = None  # what the exported config's `tokenizer` says (default: the path)
     code_cache: str | None = None  # default <out_dir>/codes.pt
-    latent_cache: str | None = None  # raw-latent cache folder shared with `coda` (default runs/coda-latents)
     encode_batch_size: int = 64
     encode_flip: bool = False  # also encode mirrored images (doubles the code set)
-    class_dropout: float | None = None  # None: the model config's class_dropout_prob
-    label_smoothing: float | None = None  # None: the model config's label_smoothing
-    val_images: int = 0  # held-out images (data.val) whose masked-token loss is logged at each sample step
-    sample_steps: int | None = None  # MaskGIT iterations for the sample grids (None: the config's num_iter)
+    val_images: int = 0  # held-out images (data.val) whose loss / accuracy is logged at each sample step
     sample_cfg: float = 2.0
     sample_classes: int = 8  # sample grid: rows (classes spread over the trained ones) ...
     sample_per_class: int = 4  # ... and columns
@@ -111,6 +108,18 @@ class MaskGITTrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.05,
                                                                    warmup_steps=200))
     run: RunConfig = field(default_factory=lambda: RunConfig(ema_decay=0.999))
+
+
+@dataclass
+class MaskGITTrainConfig(CodeGeneratorTrainConfig):
+    """Training of a MaskGIT generator on the codes of a CODA serving folder (module docstring)."""
+
+    model: str = "maskgit-s"  # a registered MaskGIT configuration (num_tokens / codebook_size: the tokenizer's)
+    tokenizer: str = "runs/coda-taef2-image/export"  # CODA serving folder whose codes we model
+    latent_cache: str | None = None  # raw-latent cache folder shared with `coda` (default runs/coda-latents)
+    class_dropout: float | None = None  # None: the model config's class_dropout_prob
+    label_smoothing: float | None = None  # None: the model config's label_smoothing
+    sample_steps: int | None = None  # MaskGIT iterations for the sample grids (None: the config's num_iter)
     kind: str = "maskgit"
 
 
@@ -513,19 +522,29 @@ def masked_loss(model: nn.Module, codes: torch.Tensor, labels: torch.Tensor, mas
 
 
 @torch.no_grad()
+def held_out_loss(loss_fn, codes: torch.Tensor, labels: torch.Tensor, batch_size: int = 100) -> dict[str, float]:
+    """Mean of ``loss_fn(codes, labels) -> (loss, accuracy)`` over batches of held-out codes, weighted by batch
+    size: ``{"val_loss", "val_accuracy"}``."""
+    tot_l, tot_a, n = 0.0, 0.0, 0
+    for i in range(0, len(codes), batch_size):
+        c, y = codes[i : i + batch_size], labels[i : i + batch_size]
+        loss, acc = loss_fn(c, y)
+        tot_l, tot_a, n = tot_l + float(loss) * len(c), tot_a + float(acc) * len(c), n + len(c)
+    return {"val_loss": round(tot_l / n, 4), "val_accuracy": round(tot_a / n, 4)}
+
+
 def validation_loss(model: nn.Module, codes: torch.Tensor, labels: torch.Tensor, label_smoothing: float,
                     batch_size: int = 100, seed: int = 0) -> dict[str, float]:
     """Masked-token loss / accuracy on held-out codes with a fixed (seeded) cosine mask, labels kept."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    tot_l, tot_a, n = 0.0, 0.0, 0
-    for i in range(0, len(codes), batch_size):
-        c, y = codes[i : i + batch_size], labels[i : i + batch_size]
+
+    def loss_fn(c: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = cosine_mask(len(c), c.shape[1], g, c.device)
-        loss, acc = masked_loss(model, c, y, mask, torch.zeros(len(c), dtype=torch.bool, device=c.device),
-                                label_smoothing)
-        tot_l, tot_a, n = tot_l + float(loss) * len(c), tot_a + float(acc) * len(c), n + len(c)
-    return {"val_loss": round(tot_l / n, 4), "val_accuracy": round(tot_a / n, 4)}
+        return masked_loss(model, c, y, mask, torch.zeros(len(c), dtype=torch.bool, device=c.device),
+                           label_smoothing)
+
+    return held_out_loss(loss_fn, codes, labels, batch_size)
 
 
 @torch.no_grad()
@@ -614,5 +633,5 @@ def train_maskgit(cfg: MaskGITTrainConfig) -> Path:
     return out
 
 
-__all__ = ["CODATrainConfig", "MaskGITTrainConfig", "build_coda", "cached_vae_latents", "codes_of",
+__all__ = ["CODATrainConfig", "CodeGeneratorTrainConfig", "MaskGITTrainConfig", "held_out_loss", "build_coda", "cached_vae_latents", "codes_of",
            "encoder_fingerprint", "evaluate_coda", "maskgit_samples", "train_coda", "train_maskgit"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from models.var import VAR, tokenizer_matches
 from training import config as C
 from training.config import DataConfig, OptimConfig, RunConfig
 from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
+from training.discrete import CodeGeneratorTrainConfig, held_out_loss
 from training.latents import weights_fingerprint
 from training.plots import plot_losses, save_grid
 from training.tokenizer import load_training_images
@@ -43,26 +44,14 @@ from training.trainer import Trainer, setup_run
 
 
 @dataclass
-class VARTrainConfig:
+class VARTrainConfig(CodeGeneratorTrainConfig):
     """Training of a VAR generator on the codes of an ImageFolder serving folder (module docstring)."""
 
     model: str = "var-s-64"  # a registered VAR configuration; scales / branches / codebook come from the tokenizer
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    init_from: str | None = None  # a VAR serving folder to continue from
     tokenizer: str = "runs/imagefolder-s-64/export"  # ImageFolder serving folder whose codes we model
-    tokenizer_ref: str | None = None  # what the exported config's `tokenizer` says (default: the path)
-    code_cache: str | None = None  # default <out_dir>/codes.pt
     encode_batch_size: int = 100
-    encode_flip: bool = False  # also encode mirrored images (doubles the code set)
     label_smoothing: float = 0.0
-    val_images: int = 0  # held-out images (data.val) whose teacher-forced loss is logged at each sample step
     sample_cfg: float = 1.5
-    sample_classes: int = 8  # sample grid: rows (classes spread over the trained ones) ...
-    sample_per_class: int = 4  # ... and columns
-    data: DataConfig = field(default_factory=lambda: DataConfig(flip=False))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                                                                   warmup_steps=200))
-    run: RunConfig = field(default_factory=lambda: RunConfig(ema_decay=0.999))
     kind: str = "var"
 
 
@@ -182,12 +171,7 @@ def validation_loss(model: VAR, tokenizer: nn.Module, codes: torch.Tensor, label
                     label_smoothing: float = 0.0, batch_size: int = 100) -> dict[str, float]:
     """Teacher-forced loss / accuracy on held-out codes (eval mode: labels kept)."""
     model.eval()
-    tot_l, tot_a, n = 0.0, 0.0, 0
-    for i in range(0, len(codes), batch_size):
-        c, y = codes[i : i + batch_size], labels[i : i + batch_size]
-        loss, acc = var_loss(model, tokenizer, c, y, label_smoothing)
-        tot_l, tot_a, n = tot_l + float(loss) * len(c), tot_a + float(acc) * len(c), n + len(c)
-    return {"val_loss": round(tot_l / n, 4), "val_accuracy": round(tot_a / n, 4)}
+    return held_out_loss(lambda c, y: var_loss(model, tokenizer, c, y, label_smoothing), codes, labels, batch_size)
 
 
 @torch.no_grad()
