@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -605,9 +606,22 @@ def train_maskgit(cfg: MaskGITTrainConfig) -> Path:
         return {"loss": float(loss.detach()), "accuracy": float(acc), "mask_ratio": float(mask.float().mean()),
                 "grad_norm": trainer.backward_step("model", loss)}
 
+    held_out = None if val is None else (
+        lambda m: validation_loss(m, val.images.to(device), val.labels.to(device), smoothing))
+    return fit_and_export(trainer, cfg, step_fn, trained, held_out, lambda m, classes: maskgit_samples(
+        m, tokenizer, classes, cfg.sample_per_class, steps=cfg.sample_steps or gcfg.num_iter, cfg_scale=cfg.sample_cfg))
+
+
+def fit_and_export(trainer: Trainer, cfg: CodeGeneratorTrainConfig, step_fn, trained: list[int],
+                   held_out: Callable[[nn.Module], dict[str, float]] | None,
+                   samples: Callable[[nn.Module, list[int]], torch.Tensor]) -> Path:
+    """The loop and export shared by the code-generator trainers: ``trainer.fit(step_fn)``, and at each sample
+    step (once; ``fit`` also calls it after the last step) an ``eval`` record from ``held_out(ema_model)``, a
+    grid of ``samples(ema_model, classes)`` (``sample_classes`` spread over ``trained``, ``sample_per_class``
+    columns) and the loss plot; then ``<out>/export`` and an ``export`` record."""
+    run = cfg.run
     k = cfg.sample_classes
     grid_classes = trained[:: max(1, len(trained) // k)][:k]
-
     done: set[int] = set()
 
     def on_sample(step: int) -> None:
@@ -615,13 +629,11 @@ def train_maskgit(cfg: MaskGITTrainConfig) -> Path:
             return
         done.add(step)
         m = trainer.export_model
-        if val is not None:
-            res = {"event": "eval", "step": step,
-                   **validation_loss(m, val.images.to(device), val.labels.to(device), smoothing)}
+        if held_out is not None:
+            res = {"event": "eval", "step": step, **held_out(m)}
             trainer.log(res)
             print("eval " + json.dumps(res), flush=True)
-        images = maskgit_samples(m, tokenizer, grid_classes, cfg.sample_per_class,
-                                 steps=cfg.sample_steps or gcfg.num_iter, cfg_scale=cfg.sample_cfg)
+        images = samples(m, grid_classes)
         save_grid(images.cpu(), trainer.out / "samples" / f"samples_{step:06d}.png", nrow=cfg.sample_per_class,
                   scale=2)
         plot_losses(trainer.out / "metrics.jsonl", trainer.out / "loss.png")
@@ -633,5 +645,6 @@ def train_maskgit(cfg: MaskGITTrainConfig) -> Path:
     return out
 
 
-__all__ = ["CODATrainConfig", "CodeGeneratorTrainConfig", "MaskGITTrainConfig", "held_out_loss", "build_coda", "cached_vae_latents", "codes_of",
-           "encoder_fingerprint", "evaluate_coda", "maskgit_samples", "train_coda", "train_maskgit"]
+__all__ = ["CODATrainConfig", "CodeGeneratorTrainConfig", "MaskGITTrainConfig", "build_coda", "cached_vae_latents",
+           "codes_of", "encoder_fingerprint", "evaluate_coda", "fit_and_export", "held_out_loss", "maskgit_samples",
+           "train_coda", "train_maskgit"]

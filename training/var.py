@@ -36,9 +36,8 @@ from models.var import VAR, tokenizer_matches
 from training import config as C
 from training.config import DataConfig, OptimConfig, RunConfig
 from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
-from training.discrete import CodeGeneratorTrainConfig, held_out_loss
+from training.discrete import CodeGeneratorTrainConfig, fit_and_export, held_out_loss
 from training.latents import weights_fingerprint
-from training.plots import plot_losses, save_grid
 from training.tokenizer import load_training_images
 from training.trainer import Trainer, setup_run
 
@@ -225,33 +224,10 @@ def train_var(cfg: VARTrainConfig) -> Path:
             loss, acc = var_loss(model, tokenizer, codes, y, cfg.label_smoothing)
         return {"loss": float(loss.detach()), "accuracy": float(acc), "grad_norm": trainer.backward_step("model", loss)}
 
-    k = cfg.sample_classes
-    grid_classes = trained[:: max(1, len(trained) // k)][:k]
-    done: set[int] = set()
-
-    def on_sample(step: int) -> None:
-        if step in done:  # fit() also calls it after the last step
-            return
-        done.add(step)
-        m = trainer.export_model
-        if val is not None:
-            res = {"event": "eval", "step": step,
-                   **validation_loss(m, tokenizer, val.images.to(device), val.labels.to(device), cfg.label_smoothing)}
-            trainer.log(res)
-            print("eval " + json.dumps(res), flush=True)
-        images = var_samples(m, tokenizer, grid_classes, cfg.sample_per_class, cfg_scale=cfg.sample_cfg)
-        save_grid(images.cpu(), trainer.out / "samples" / f"samples_{step:06d}.png", nrow=cfg.sample_per_class,
-                  scale=2)
-        plot_losses(trainer.out / "metrics.jsonl", trainer.out / "loss.png")
-
-    trainer.fit(step_fn, batch_size=run.batch_size, on_sample=on_sample)
-    m = trainer.export_model
-    m.config = dataclasses.replace(
-        m.config, trained_classes=tuple(trained), tokenizer=cfg.tokenizer_ref or cfg.tokenizer)
-    out = models.save_pretrained(m, trainer.out / "export", dtype=getattr(torch, run.export_dtype))
-    trainer.log({"event": "export", "path": str(out), "step": trainer.step, "images": trainer.images_seen,
-                 "elapsed_s": round(trainer.elapsed_now, 1), "cpu_s": round(trainer.cpu_now, 1)})
-    return out
+    held_out = None if val is None else (
+        lambda m: validation_loss(m, tokenizer, val.images.to(device), val.labels.to(device), cfg.label_smoothing))
+    return fit_and_export(trainer, cfg, step_fn, trained, held_out, lambda m, classes: var_samples(
+        m, tokenizer, classes, cfg.sample_per_class, cfg_scale=cfg.sample_cfg))
 
 
 __all__ = ["VARTrainConfig", "build_var", "cached_codes", "encode_codes", "train_var", "var_loss", "var_samples",
