@@ -56,8 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     _add_train(sub, "mar", "mar-default", "train a MAR generator (the generator command, default config mar-default)")
     _add_train(sub, "coda", "coda-taef2", "train a CODA discrete tokenizer on the frozen TAEF2 (training/discrete.py)")
     _add_train(sub, "maskgit", "maskgit-taef2", "train MaskGIT on the codes of a CODA tokenizer folder")
+    _add_train(sub, "softvq-taef2", "softvq-taef2-32x64",
+               "train a SoftVQ tokenizer on the frozen TAEF2 from a feature cache (training/softvq_taef2.py)")
     _add_train(sub, "var", "var-imagefolder", "train VAR on the codes of a multi-scale ImageFolder tokenizer folder")
     sub.add_parser("configs", help="list the named training configurations")
+    p = sub.add_parser("cache-features", help="cache TAEF2 latents and EfficientNet-Lite0 features of a split "
+                       "(training/feature_cache.py; resumable)")
+    p.add_argument("--data", default="tiny-train", help="image source (tiny-train, tiny-val, parquet, folder)")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--lite-resolution", type=int, default=128)
+    p.add_argument("--lite-grid", type=int, default=2)
+    p.add_argument("--max-images", type=int, help="only the first N images of the source")
+    p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"))
+    p.add_argument("--threads", type=int, default=0)
     p = sub.add_parser("figures", help="write reconstructions.png and samples.png (the README figures)")
     p.add_argument("--tokenizer", default="weights/default/tokenizer")
     p.add_argument("--generator", default="weights/default/generator", help="'' to skip the sample grid")
@@ -70,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from training import (
         discrete,  # noqa: F401  (registers the coda / maskgit configs)
         evaluate,
+        softvq_taef2,  # noqa: F401  (registers the softvq-taef2 configs)
         var,  # noqa: F401  (registers the var configs)
     )
 
@@ -79,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "configs":
         for name, fn in sorted(C.NAMED.items()):
             print(f"{name:22s} {(fn.__doc__ or '').strip()}")
+        return 0
+    if args.command == "cache-features":
+        from training.feature_cache import FeatureCacheConfig, build_feature_cache
+
+        print(build_feature_cache(FeatureCacheConfig(
+            source=args.data, out=args.out, lite_resolution=args.lite_resolution, lite_grid=args.lite_grid,
+            runtime=args.runtime, threads=args.threads, max_images=args.max_images)))
         return 0
     if args.command == "figures":
         import torch
@@ -115,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
 
         train = train_coda if args.command == "coda" else train_maskgit
         print(train(_train_config(args, args.command)))
+        return 0
+    if args.command == "softvq-taef2":
+        from training.softvq_taef2 import train_softvq_taef2
+
+        print(train_softvq_taef2(_train_config(args, "softvq-taef2")))
         return 0
     if args.command == "var":
         from training.var import train_var

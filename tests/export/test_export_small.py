@@ -17,6 +17,7 @@ from export.runtime import DenoiserRuntime, TokenizerRuntime, load_runtime, reso
 CASES = {
     # the small configurations
     "softvq-tiny-64": [],
+    "softvq-taef2-tiny": [],  # SoftVQ on the frozen TAEF2 (convolutional stem + ViTs)
     "sit-tiny-64x32": ["--tokenizer", "softvq-tiny-64", "--parts", "denoiser,denoiser_cfg"],
     "dit-tiny-64x32": ["--tokenizer", "softvq-tiny-64"],
     # the shipped default sizes (random weights here; a trained folder exports the same way)

@@ -17,7 +17,7 @@ from server_testkit import ThreadServer, real_jpegs
 from server.queue.base import DecodePayload, Job
 from server.queue.wire import job_from_bytes, job_to_bytes
 
-MODELS = ["softvq-tiny-64", "mar-tiny-64x32", "coda-taef2-64", "maskgit-tiny", "imagefolder-tiny-64", "var-tiny-64"]
+MODELS = ["softvq-tiny-64", "softvq-taef2-tiny", "mar-tiny-64x32", "coda-taef2-64", "maskgit-tiny", "imagefolder-tiny-64", "var-tiny-64"]
 GENERATORS = {"mar-tiny-64x32": ([64, 32], "float32"), "maskgit-tiny": ([130], "int64"),
               "var-tiny-64": ([2, 30], "int64")}
 DISCRETE = {"coda-taef2-64": ([130], 4096), "imagefolder-tiny-64": ([2, 30], 64)}
@@ -91,6 +91,29 @@ def test_encode_codes_then_decode_reproduces_the_reconstruction(server: ThreadSe
     img = httpx.post(f"{server.url}/v1/decode?model={tok}", json={**body, "data": body["data"][:codes[0].size],
                                                                   "shape": list(shape)})
     assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+
+
+def test_softvq_on_taef2_round_trips_1d_tokens(server: ThreadServer) -> None:
+    """The SoftVQ tokenizer on the frozen TAEF2 serves (B, 32, D) float tokens like any SoftVQ tokenizer."""
+    info = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models").json()["models"]}
+    m = info["softvq-taef2-tiny"]
+    assert m["kind"] == "tokenizer" and m["token_shape"] == [32, 16] and m["token_dtype"] == "float32"
+    files = [("image", (f"{i}.jpg", j, "image/jpeg")) for i, (j, _) in enumerate(real_jpegs(2))]
+    tokens = _npy(httpx.post(f"{server.url}/v1/encode?model=softvq-taef2-tiny", files=files,
+                             headers={"accept": "application/x-npy"}))
+    assert tokens.shape == (2, 32, 16) and tokens.dtype == np.float32
+    buf = io.BytesIO()
+    np.save(buf, tokens)
+    images = _npy(httpx.post(f"{server.url}/v1/decode?model=softvq-taef2-tiny&format=npy", content=buf.getvalue(),
+                             headers={"content-type": "application/x-npy"}))
+    module = server.state.engine.runtimes["softvq-taef2-tiny"].module
+    with torch.inference_mode():
+        expected = module.decode(torch.from_numpy(tokens)).clamp(-1, 1).numpy()
+    assert images.shape == (2, 3, 64, 64)
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+    png = httpx.post(f"{server.url}/v1/decode?model=softvq-taef2-tiny",
+                     json={"shape": [32, 16], "dtype": "float32", "data": tokens[0].ravel().tolist()})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
 
 
 def test_bad_codes_get_a_422_that_names_the_problem(server: ThreadServer) -> None:

@@ -1,0 +1,106 @@
+"""The feature cache (TAEF2 latents + EfficientNet-Lite0 features of real images) and the latent-space
+training of a softvq-taef2 tokenizer: the cache equals the frozen networks' outputs and resumes, a few
+steps on real latents lower the loss, the export serves (encode / decode) and carries measured statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from models.taef2 import DEFAULT_WEIGHTS, TAEF2
+from training.config import apply_overrides, get_named
+from training.data import load_images, tiny_imagenet_validation, to_float
+from training.feature_cache import FeatureCacheConfig, build_feature_cache, open_feature_cache
+
+pytestmark = pytest.mark.skipif(
+    not (Path(DEFAULT_WEIGHTS) / "taef2_encoder.pth").exists() or not tiny_imagenet_validation()[0].exists(),
+    reason="shared TAEF2 weights or Tiny ImageNet not present")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "tiny-val-96"
+    build_feature_cache(FeatureCacheConfig(source="tiny-val", out=str(out), max_images=96, chunk=40,
+                                           runtime="torch", lite_resolution=64, lite_grid=2, threads=1))
+    return out
+
+
+def test_cache_holds_the_frozen_outputs_of_real_images(cache_dir: Path) -> None:
+    cache = open_feature_cache(cache_dir)
+    assert len(cache) == 96 and cache.latents.shape == (96, 32, 8, 8) and cache.lite.shape == (96, 1280, 2, 2)
+    assert cache.latents.dtype == np.float16 and cache.meta["done"] == 96
+    real = load_images("tiny-val", 64, max_images=96)
+    assert np.array_equal(cache.labels, real.labels.numpy())
+    with torch.no_grad():
+        z = TAEF2.from_original().encode_spatial(to_float(real.images[80:88]))
+    np.testing.assert_allclose(cache.latents[80:88].astype(np.float32), z.numpy(), atol=2e-2, rtol=1e-2)
+    assert float(np.abs(cache.lite[:8].astype(np.float32)).mean()) > 0.01  # real activations, not zeros
+
+
+def test_onnx_cache_matches_and_resumes(tmp_path, cache_dir: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx"
+    cfg = FeatureCacheConfig(source="tiny-val", out=str(out), max_images=24, chunk=8, runtime="onnx",
+                             lite_resolution=64, threads=1)
+    build_feature_cache(cfg)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["runtime"] == {"taef2": "onnx", "lite0": "onnx"} and meta["done"] == 24
+    ref = open_feature_cache(cache_dir)
+    got = open_feature_cache(out)
+    np.testing.assert_allclose(got.latents.astype(np.float32), ref.latents[:24].astype(np.float32), atol=1e-2)
+    # an interrupted run (done = 8) continues from row 8 and leaves rows before it alone
+    first = got.latents[:8].copy()
+    meta["done"] = 8
+    (out / "meta.json").write_text(json.dumps(meta))
+    arr = np.load(out / "taef2.npy", mmap_mode="r+")
+    arr[8:] = 0
+    arr.flush()
+    del arr
+    build_feature_cache(cfg)
+    again = open_feature_cache(out)
+    assert again.meta["done"] == 24 and np.array_equal(again.latents[:8], first)
+    np.testing.assert_allclose(again.latents.astype(np.float32), ref.latents[:24].astype(np.float32), atol=1e-2)
+
+
+def test_unfinished_cache_is_refused(tmp_path, cache_dir: Path) -> None:
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("taef2.npy", "lite0.npy", "labels.npy"):
+        (bad / name).write_bytes((cache_dir / name).read_bytes())
+    (bad / "meta.json").write_text(json.dumps({**meta, "done": 10}))
+    with pytest.raises(ValueError, match="unfinished"):
+        open_feature_cache(bad)
+
+
+def test_a_few_steps_lower_the_loss_and_the_export_serves(tmp_path, cache_dir: Path) -> None:
+    from training.softvq_taef2 import train_softvq_taef2
+
+    cfg = apply_overrides(get_named("softvq-taef2-tiny"), [
+        f"cache={cache_dir}", f"val_cache={cache_dir}", f"run.out_dir={tmp_path / 'run'}", "run.steps=40",
+        "run.sample_every=40", "run.progress=none"])
+    out = train_softvq_taef2(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["grid_mse"] for r in rows if "grid_mse" in r]
+    assert losses[-1] < 0.9 * losses[0], losses
+    evals = [r for r in rows if r.get("event") == "eval"]
+    assert evals and 5 < evals[-1]["val_psnr"] < 40 and 0 < evals[-1]["val_grid_rel_mse"] < 1.5
+
+    model = models.load_pretrained(out)
+    stats = json.loads((tmp_path / "run" / "export_stats.json").read_text())
+    assert model.config.vq_std == pytest.approx(stats["vq_std"]) and 0 < model.config.vq_std < 1
+    assert model.config.latent_scale != 1.0  # measured on the cache
+    real = load_images("tiny-val", 64, max_images=2)
+    with torch.no_grad():
+        tokens = model.encode(to_float(real.images))
+        images = model.decode(tokens)
+    assert tokens.shape == (2, 32, 16) and images.shape == (2, 3, 64, 64)
+    # the frozen TAEF2 in the export is the pretrained one (fp16-rounded)
+    ref = TAEF2.from_original().state_dict()
+    torch.testing.assert_close(model.vae.state_dict()["encoder.0.weight"], ref["encoder.0.weight"],
+                               atol=1e-3, rtol=1e-3)
