@@ -66,6 +66,9 @@ class RunConfig:
     ckpt_every_minutes: float = 5.0  # ... or minutes, whichever comes first
     sample_every: int = 1000  # steps between sample / reconstruction grids
     resume: bool = True  # continue from <out_dir>/checkpoints/last.pt when present
+    resume_from: str | None = None  # else a committed work-in-progress folder (Trainer.save_wip): weights,
+    #                                 EMA and counters; optimizer moments restart, with a short re-warm-up
+    rewarm_steps: int = 100  # linear learning-rate re-warm-up after resuming from a wip folder
     progress: str = "auto"  # auto (tqdm on a tty, log lines otherwise) | tqdm | rich | log | none
     export_dtype: str = "float16"  # dtype of the exported serving folder
 

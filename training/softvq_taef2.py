@@ -69,6 +69,7 @@ class LatentTokenizerTrainConfig:
     max_images: int | None = None  # use only the first N cached training images
     flip: bool = True
     stats_images: int = 10000
+    wip_dir: str | None = None  # also write a committable wip folder (Trainer.save_wip) at each sample step
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, warmup_steps=200, weight_decay=0.0,
                                                                    min_lr_ratio=0.05))
     run: RunConfig = field(default_factory=lambda: RunConfig(batch_size=64, ema_decay=0.999))
@@ -96,9 +97,9 @@ def softvq_taef2_tiny() -> LatentTokenizerTrainConfig:
 def _full(model: str) -> LatentTokenizerTrainConfig:
     return LatentTokenizerTrainConfig(
         model=model,
-        run=RunConfig(out_dir=f"runs/{model}", steps=40000, max_minutes=240, budget_clock="cpu", batch_size=64,
-                      threads=2, ema_decay=0.999, log_every=20, ckpt_every=500, ckpt_every_minutes=5,
-                      sample_every=1000),
+        run=RunConfig(out_dir=f"runs/{model}", steps=10000, batch_size=64, threads=2, ema_decay=0.999,
+                      log_every=20, ckpt_every=500, ckpt_every_minutes=5, sample_every=500),
+        wip_dir=f"weights/wip/{model}",
     )
 
 
@@ -123,8 +124,12 @@ def build_model(cfg: LatentTokenizerTrainConfig, cache: FeatureCache) -> SoftVQT
         if cfg.model_overrides:
             model.config = dataclasses.replace(model.config, **cfg.model_overrides)
         return model
-    sample = torch.from_numpy(np.asarray(cache.latents[: min(len(cache), 10000)], dtype=np.float32)).double()
-    shift, std = float(sample.mean()), float(sample.std())
+    if cfg.run.resume_from and (Path(cfg.run.resume_from) / Trainer.WIP_STATE).exists():
+        saved = json.loads((Path(cfg.run.resume_from) / Trainer.WIP_STATE).read_text())["model_config"]
+        shift, std = float(saved["latent_shift"]), 1.0 / float(saved["latent_scale"])
+    else:
+        sample = torch.from_numpy(np.asarray(cache.latents[: min(len(cache), 10000)], dtype=np.float32)).double()
+        shift, std = float(sample.mean()), float(sample.std())
     config = models.get_config(cfg.model, latent_shift=shift, latent_scale=1.0 / std, **cfg.model_overrides)
     return SoftVQTAEF2.with_taef2(config, cfg.taef2)
 
@@ -236,6 +241,8 @@ def train_softvq_taef2(cfg: LatentTokenizerTrainConfig) -> Path:
         grid = torch.cat([to_float(val_x[:k]), taef2.cpu(), rec.cpu()])
         save_grid(grid, trainer.out / "samples" / f"recon_{step:06d}.png", nrow=k, scale=2)
         plot_losses(trainer.out / "metrics.jsonl", trainer.out / "loss.png")
+        if cfg.wip_dir:
+            trainer.save_wip(cfg.wip_dir, skip=("vae.",))  # the frozen stem comes from TAEF2's own files
 
     trainer.fit(step_fn, batch_size=run.batch_size, on_sample=on_sample)
     return export(trainer, cfg, z_all[: cfg.stats_images])

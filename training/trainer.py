@@ -154,6 +154,7 @@ class Trainer:
         self._t0 = self._clock()
         self._cpu0 = time.process_time()
         self._last_ckpt_time = time.time()
+        self._rewarm_from: int | None = None  # step of a wip resume (optimizer moments restarted there)
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -200,8 +201,11 @@ class Trainer:
 
     def _set_lrs(self) -> float:
         lr = 0.0
+        rewarm = 1.0
+        if self._rewarm_from is not None and self.run.rewarm_steps > 0:
+            rewarm = min(1.0, (self.step - self._rewarm_from + 1) / self.run.rewarm_steps)
         for name, (o, opt) in self.optimizers.items():
-            f = lr_factor(self.step, self.progress, opt)
+            f = lr_factor(self.step, self.progress, opt) * rewarm
             for g in o.param_groups:
                 g["lr"] = g["base_lr"] * f
             if name == "model":
@@ -236,8 +240,74 @@ class Trainer:
         self._last_ckpt_time = time.time()
         return path
 
+    # ------------------------------------------------------------------------------------------- wip folders
+
+    WIP_WEIGHTS = "wip.safetensors"
+    WIP_STATE = "wip.json"
+
+    def save_wip(self, folder: str | os.PathLike[str], skip: tuple[str, ...] = ()) -> Path:
+        """A compact, committable snapshot for continuing in a later session: the model in float32, the EMA
+        in float16 and the extra modules in float32 (``wip.safetensors``; parameters whose names start with
+        one of ``skip``, e.g. a frozen pretrained stem, are left out), and the counters (``wip.json``).
+        Optimizer moments are not kept: :meth:`maybe_resume` restarts them with ``run.rewarm_steps``."""
+        from safetensors.torch import save_file
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        keep = lambda k: not k.startswith(skip)  # noqa: E731
+        tensors = {f"model.{k}": v.detach().float().contiguous().cpu()
+                   for k, v in self.model.state_dict().items() if keep(k)}
+        if self.ema:
+            tensors.update({f"ema.{k}": v.detach().half().contiguous().cpu() if v.is_floating_point() else v.cpu()
+                            for k, v in self.ema.model.state_dict().items() if keep(k)})
+        for name, m in self.extra.items():
+            tensors.update({f"extra.{name}.{k}": v.detach().float().contiguous().cpu() for k, v in m.state_dict().items()})
+        save_file(tensors, str(out / self.WIP_WEIGHTS))
+        state = {"step": self.step, "elapsed": self.elapsed_now, "cpu_elapsed": self.cpu_now,
+                 "images_seen": self.images_seen, "ema_updates": self.ema.updates if self.ema else 0,
+                 "model_config": config_to_dict(self.model), "run_config": dataclasses.asdict(self.cfg)}
+        (out / self.WIP_STATE).write_text(json.dumps(state, indent=2) + "\n")
+        return out
+
+    def _load_wip(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / self.WIP_WEIGHTS))
+        state = json.loads((folder / self.WIP_STATE).read_text())
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        def load(module: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+            own = module.state_dict()
+            unknown = sorted(set(sd) - set(own))
+            if unknown:
+                raise ValueError(f"{folder}: wip tensors the model does not have: {unknown[:5]}")
+            module.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in sd.items()}})
+
+        load(self.model, part("model."))
+        if self.ema and part("ema."):
+            load(self.ema.model, part("ema."))
+            self.ema.updates = int(state.get("ema_updates", 0))
+        for name, m in self.extra.items():
+            load(m, part(f"extra.{name}."))
+        self.step = int(state["step"])
+        self.elapsed = float(state["elapsed"])
+        self.cpu_elapsed = float(state.get("cpu_elapsed", 0.0))
+        self.images_seen = int(state.get("images_seen", 0))
+        self._rewarm_from = self.step
+        self._t0, self._cpu0 = self._clock(), time.process_time()
+        self.log({"event": "resume_wip", "from": str(folder), "step": self.step, "elapsed_s": round(self.elapsed, 1)})
+
     def maybe_resume(self) -> bool:
-        """Load ``last.pt`` when ``run.resume`` and it exists; returns whether it did."""
+        """Load ``last.pt`` when ``run.resume`` and it exists, else the wip folder ``run.resume_from`` when
+        set; returns whether it did."""
+        if self.run.resume and not self.ckpt_path.exists() and self.run.resume_from:
+            folder = Path(self.run.resume_from)
+            if not (folder / self.WIP_STATE).exists():
+                raise FileNotFoundError(f"run.resume_from={folder}: no {self.WIP_STATE} there")
+            self._load_wip(folder)
+            return True
         if not (self.run.resume and self.ckpt_path.exists()):
             return False
         state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)

@@ -104,3 +104,32 @@ def test_a_few_steps_lower_the_loss_and_the_export_serves(tmp_path, cache_dir: P
     ref = TAEF2.from_original().state_dict()
     torch.testing.assert_close(model.vae.state_dict()["encoder.0.weight"], ref["encoder.0.weight"],
                                atol=1e-3, rtol=1e-3)
+
+
+def test_a_wip_folder_continues_the_run(tmp_path, cache_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    from training.softvq_taef2 import train_softvq_taef2
+
+    wip = tmp_path / "wip"
+    base = [f"cache={cache_dir}", f"val_cache={cache_dir}", "run.steps=30", "run.progress=none", "val_images=4"]
+    first = apply_overrides(get_named("softvq-taef2-tiny"), [
+        *base, f"run.out_dir={tmp_path / 'a'}", "run.stop_at=12", "run.sample_every=12", f"wip_dir={wip}"])
+    train_softvq_taef2(first)
+    state = json.loads((wip / "wip.json").read_text())
+    tensors = load_file(str(wip / "wip.safetensors"))
+    assert state["step"] == 12 and state["images_seen"] == 12 * 16
+    assert not any(".vae." in k for k in tensors)  # the frozen stem is not duplicated
+    assert tensors["ema.encoder.latent_tokens"].dtype == torch.float16
+    assert tensors["model.encoder.latent_tokens"].dtype == torch.float32
+
+    # a fresh folder (no last.pt) resumes from the wip folder and finishes the schedule
+    second = apply_overrides(get_named("softvq-taef2-tiny"), [
+        *base, f"run.out_dir={tmp_path / 'b'}", f"run.resume_from={wip}", "run.sample_every=100"])
+    out = train_softvq_taef2(second)
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["event"] == "resume_wip" and rows[0]["step"] == 12
+    steps = [r["step"] for r in rows if "grid_mse" in r]
+    assert steps[0] == 15 and steps[-1] == 30
+    assert rows[-1]["images"] == 30 * 16 and models.load_pretrained(out).config.latent_shift == pytest.approx(
+        state["model_config"]["latent_shift"])
