@@ -293,12 +293,12 @@ NAMED: dict[str, tuple[SoftVQTAEF2Config, str]] = {
         "64px, frozen TAEF2 stem, 32x16 tokens, width 64 / depth 1+1 (tests)",
     ),
     "softvq-taef2-32": (
-        SoftVQTAEF2Config(num_tokens=32, token_dim=32, enc_depth=3, dec_depth=4),
-        "64px, frozen TAEF2 stem, 32x32 tokens (1,024 floats), width 256 / depth 3+4, 4x1024 codes",
+        SoftVQTAEF2Config(num_tokens=32, token_dim=32, width=192, enc_depth=2, dec_depth=3, heads=3),
+        "64px, frozen TAEF2 stem, 32x32 tokens (1,024 floats), width 192 / depth 2+3, 4x1024 codes",
     ),
     "softvq-taef2-32x64": (
-        SoftVQTAEF2Config(num_tokens=32, token_dim=64, enc_depth=3, dec_depth=4),
-        "64px, frozen TAEF2 stem, 32x64 tokens (2,048 floats), width 256 / depth 3+4, 4x1024 codes",
+        SoftVQTAEF2Config(num_tokens=32, token_dim=64, width=192, enc_depth=2, dec_depth=3, heads=3),
+        "64px, frozen TAEF2 stem, 32x64 tokens (2,048 floats), width 192 / depth 2+3, 4x1024 codes",
     ),
 }
 

@@ -18,6 +18,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -26,6 +27,7 @@ from models.sampling.diffusion import create_diffusion
 from models.sampling.mar import mar_loss
 from training.config import GeneratorTrainConfig
 from training.data import EpochSampler, ImageSet
+from training.feature_cache import open_feature_cache
 from training.latents import (
     LatentStats,
     encode_cached,
@@ -33,6 +35,7 @@ from training.latents import (
     weights_fingerprint,
     write_latent_stats,
 )
+from training.losses import TokenAligner
 from training.objectives import diffusion_loss, flow_matching_loss, sample_time
 from training.plots import plot_losses, save_grid
 from training.tokenizer import load_training_images
@@ -102,6 +105,57 @@ def prepare_latents(cfg: GeneratorTrainConfig, tokenizer: nn.Module, device: tor
 
 
 @torch.no_grad()
+def prepare_cached_latents(cfg: GeneratorTrainConfig, tokenizer: nn.Module,
+                           device: torch.device) -> tuple[ImageSet, torch.Tensor]:
+    """Tokens of the feature cache's TAEF2 latents (``tokenizer.encode_latents``; mirrored copies appended
+    when ``encode_flip``: the latent grid flipped left-right) and the matching Lite0 features (N, 1280, g, g).
+    Tokens are cached in ``latent_cache`` like :func:`prepare_latents`, and the statistics written the same way."""
+    if not hasattr(tokenizer, "encode_latents"):
+        raise ValueError(f"{cfg.tokenizer}: a feature cache needs a tokenizer on the frozen TAEF2 (encode_latents)")
+    fc = open_feature_cache(cfg.feature_cache)
+    n = len(fc) if cfg.data.max_images is None else min(len(fc), cfg.data.max_images)
+    z = torch.from_numpy(np.array(fc.latents[:n]))
+    feats = torch.from_numpy(np.array(fc.lite[:n]))
+    labels = torch.from_numpy(np.array(fc.labels[:n]))
+    if cfg.encode_flip:
+        z, feats, labels = torch.cat([z, z.flip(-1)]), torch.cat([feats, feats.flip(-1)]), torch.cat([labels, labels])
+    key = json.dumps([weights_fingerprint(cfg.tokenizer), str(cfg.feature_cache), n, cfg.encode_flip])
+    cache = Path(cfg.latent_cache or Path(cfg.run.out_dir) / "latents.pt")
+    tokens = None
+    if cache.exists():
+        d = torch.load(cache, weights_only=True)
+        tokens = d["tokens"] if d.get("key") == key else None
+    if tokens is None:
+        tokenizer.eval()
+        out = []
+        for i in range(0, len(z), 500):
+            out.append(tokenizer.encode_latents(z[i : i + 500].float().to(device), compute_losses=False).tokens.cpu())
+            if (i // 500) % 40 == 0:
+                print(f"encoded {i + len(out[-1])}/{len(z)} cached latents", flush=True)
+        tokens = torch.cat(out).half()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "tokens": tokens, "labels": labels}, cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)
+    if not has_latent_stats(tokenizer):
+        stats = LatentStats.of(tokens[: cfg.stats_images].float())
+        write_latent_stats(cfg.tokenizer, stats)
+        tokenizer.config = dataclasses.replace(tokenizer.config, vq_mean=stats.vq_mean, vq_std=stats.vq_std)
+        print(f"latent stats written to {cfg.tokenizer}: {stats}", flush=True)
+    return ImageSet(tokens, labels), feats
+
+
+class BlockOutput:
+    """Keeps the output of one module of the model (a forward hook), for representation alignment."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: object, output: torch.Tensor) -> None:
+        self.value = output
+
+
+@torch.no_grad()
 def sample_grid(generator: nn.Module, tokenizer: nn.Module, classes: list[int], path: Path, *, per_class: int,
                 steps: int, cfg_scale: float, sampler_name: str, seed: int = 0) -> Path:
     """One row per class of ``per_class`` samples, decoded by the tokenizer, as PNG (any family's sampler)."""
@@ -114,10 +168,16 @@ def sample_grid(generator: nn.Module, tokenizer: nn.Module, classes: list[int], 
 
 
 def train_generator(cfg: GeneratorTrainConfig) -> Path:
+    if cfg.repa_weight > 0 and not cfg.feature_cache:
+        raise ValueError("repa_weight > 0 needs feature_cache (the Lite0 features of the training images)")
     run = cfg.run
     device = setup_run(run)
     tokenizer = models.load_pretrained(cfg.tokenizer).float().to(device)
-    latents = prepare_latents(cfg, tokenizer, device)
+    feats = None
+    if cfg.feature_cache:
+        latents, feats = prepare_cached_latents(cfg, tokenizer, device)
+    else:
+        latents = prepare_latents(cfg, tokenizer, device)
     trained = sorted(set(int(c) for c in latents.labels.tolist()))
     model = build_generator(cfg, trained, cfg.tokenizer_ref or cfg.tokenizer).to(device)
     gcfg = model.config
@@ -130,8 +190,15 @@ def train_generator(cfg: GeneratorTrainConfig) -> Path:
     fam = family(model)
     diff = create_diffusion("", getattr(gcfg, "noise_schedule", "cosine")) if fam == "dit" else None
 
-    trainer = Trainer(cfg, model, run)
-    trainer.add_optimizer("model", model.parameters(), cfg.optim)
+    aligner, hidden = None, None
+    if cfg.repa_weight > 0:
+        if fam == "mar" or not 1 <= cfg.repa_depth <= len(model.blocks):
+            raise ValueError(f"REPA needs a SiT / DiT and 1 <= repa_depth <= {len(getattr(model, 'blocks', []))}")
+        aligner = TokenAligner(gcfg.hidden_size, feats.shape[1], cfg.repa_hidden).to(device)
+        hidden = BlockOutput(model.blocks[cfg.repa_depth - 1])
+    trainer = Trainer(cfg, model, run, extra={"aligner": aligner} if aligner is not None else None)
+    params = list(model.parameters()) + (list(aligner.parameters()) if aligner is not None else [])
+    trainer.add_optimizer("model", params, cfg.optim)
     trainer.maybe_resume()
     sampler = EpochSampler(len(z_all), run.batch_size, run.seed)
     gen = torch.Generator()
@@ -156,6 +223,11 @@ def train_generator(cfg: GeneratorTrainConfig) -> Path:
             else:
                 t = sample_time(b, cfg.t_sampling, gen, cfg.t_lognormal, device)
                 terms = {"loss": flow_matching_loss(model, x0, y, t, noise, drop)}
+            if aligner is not None:
+                a = aligner(hidden.value.float(), feats[idx].float().to(device))
+                terms["flow" if fam == "sit" else "diffusion"] = terms["loss"]
+                terms["repa"] = a
+                terms["loss"] = terms["loss"] + cfg.repa_weight * a
         out = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
         out["grad_norm"] = trainer.backward_step("model", terms["loss"])
         return out

@@ -70,7 +70,7 @@ class LatentTokenizerTrainConfig:
     flip: bool = True
     stats_images: int = 10000
     wip_dir: str | None = None  # also write a committable wip folder (Trainer.save_wip) at each sample step
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, warmup_steps=200, weight_decay=0.0,
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=200, weight_decay=0.0,
                                                                    min_lr_ratio=0.05))
     run: RunConfig = field(default_factory=lambda: RunConfig(batch_size=64, ema_decay=0.999))
     loss: LatentTokenizerLossConfig = field(default_factory=LatentTokenizerLossConfig)

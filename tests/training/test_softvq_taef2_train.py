@@ -133,3 +133,37 @@ def test_a_wip_folder_continues_the_run(tmp_path, cache_dir: Path) -> None:
     assert steps[0] == 15 and steps[-1] == 30
     assert rows[-1]["images"] == 30 * 16 and models.load_pretrained(out).config.latent_shift == pytest.approx(
         state["model_config"]["latent_shift"])
+
+
+def test_sit_trains_on_cached_tokens_with_representation_alignment(tmp_path, cache_dir: Path) -> None:
+    from models.softvq_taef2 import SoftVQTAEF2
+    from training.generator import train_generator
+
+    torch.manual_seed(0)
+    tok = SoftVQTAEF2.with_taef2(models.get_config("softvq-taef2-tiny", latent_shift=0.08, latent_scale=1.1))
+    tok_dir = models.save_pretrained(tok.eval(), tmp_path / "tok")
+    cfg = apply_overrides(get_named("generator-tiny"), [
+        f"tokenizer={tok_dir}", f"feature_cache={cache_dir}", "encode_flip=true", "repa_weight=0.5",
+        "repa_depth=1", "repa_hidden=32", 'model_overrides={"num_tokens": 32, "token_dim": 16}',
+        f"run.out_dir={tmp_path / 'gen'}", "run.steps=40", "run.sample_every=40", "run.progress=none",
+        "sample_steps=2"])
+    out = train_generator(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "gen" / "metrics.jsonl").read_text().splitlines()]
+    repa = [r["repa"] for r in rows if "repa" in r]
+    assert repa and repa[-1] < repa[0] and all("flow" in r for r in rows if "repa" in r)
+    # tokens came from the cached latents: 96 images and their mirrored copies, statistics written
+    saved = torch.load(tmp_path / "gen" / "latents.pt", weights_only=True)
+    assert saved["tokens"].shape == (192, 32, 16)
+    with torch.no_grad():
+        direct = tok.encode_latents(torch.from_numpy(open_feature_cache(cache_dir).latents[:4].astype(np.float32)),
+                                    compute_losses=False).tokens
+    torch.testing.assert_close(saved["tokens"][:4].float(), direct, atol=2e-3, rtol=1e-2)
+    assert json.loads((tok_dir / "config.json").read_text())["vq_std"] != 1.0
+    gen = models.load_pretrained(out)
+    assert (gen.config.num_tokens, gen.config.token_dim) == (32, 16)
+    assert not any(k.startswith("aligner") for k in gen.state_dict())  # the projector is training-only
+
+    bad = apply_overrides(get_named("generator-tiny"), [f"tokenizer={tok_dir}", "repa_weight=0.5",
+                                                        f"run.out_dir={tmp_path / 'bad'}"])
+    with pytest.raises(ValueError, match="feature_cache"):
+        train_generator(bad)
