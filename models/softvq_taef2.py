@@ -249,6 +249,10 @@ class SoftVQTAEF2(LatentNormMixin, nn.Module):
         q: SoftQuantizerOutput = self.quantize(features, compute_losses)
         return SoftVQEncoding(tokens=q.quantized, features=features, quantizer=q)
 
+    def tokens_from_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw TAEF2 latents (B, C, h, w) -> tokens (B, L, D): ``encode`` after the frozen encoder."""
+        return self.encode_latents(latents, compute_losses=False).tokens
+
     def decode_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L, D) -> normalised grid (B, h*w, C) (the training target space)."""
         if tokens.dim() != 3 or tuple(tokens.shape[1:]) != self.token_shape:

@@ -136,6 +136,10 @@ class TAEF2(LatentNormMixin, nn.Module):
         """(B, 3, H, W) in [-1, 1] -> tokens (B, H/8 * W/8, 32), raster order."""
         return self.encode_spatial(images).flatten(2).transpose(1, 2)
 
+    def tokens_from_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents (B, 32, h, w) (e.g. a feature cache's) -> tokens (B, h*w, 32), as ``encode`` gives."""
+        return latents.flatten(2).transpose(1, 2)
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L, 32) with square L (or spatial (B, 32, h, w)) -> images (B, 3, H, W) in [-1, 1]."""
         if tokens.dim() == 3:

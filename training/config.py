@@ -121,8 +121,8 @@ class GeneratorTrainConfig:
     t_sampling: str = "uniform"  # SiT time sampling: uniform | lognormal (sigmoid of N(mean, std))
     t_lognormal: tuple[float, float] = (0.0, 1.0)
     class_dropout: float | None = None  # None: the generator config's class_dropout_prob
-    feature_cache: str | None = None  # a feature cache (training/feature_cache.py) of the training images: a
-    #   tokenizer on the frozen TAEF2 (encode_latents) encodes its cached latents instead of the images, and
+    feature_cache: str | None = None  # a feature cache (training/feature_cache.py) of the training images: TAEF2
+    #   or a tokenizer on it (tokens_from_latents) encodes its cached latents instead of the images, and
     #   representation alignment reads its EfficientNet-Lite0 features
     repa_weight: float = 0.0  # REPA: w * (1 - cos(MLP(hidden after block repa_depth), Lite0 features)); 0 = off
     repa_depth: int = 2  # the block (1-based) whose output is aligned

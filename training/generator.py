@@ -107,11 +107,11 @@ def prepare_latents(cfg: GeneratorTrainConfig, tokenizer: nn.Module, device: tor
 @torch.no_grad()
 def prepare_cached_latents(cfg: GeneratorTrainConfig, tokenizer: nn.Module,
                            device: torch.device) -> tuple[ImageSet, torch.Tensor]:
-    """Tokens of the feature cache's TAEF2 latents (``tokenizer.encode_latents``; mirrored copies appended
+    """Tokens of the feature cache's TAEF2 latents (``tokenizer.tokens_from_latents``; mirrored copies appended
     when ``encode_flip``: the latent grid flipped left-right) and the matching Lite0 features (N, 1280, g, g).
     Tokens are cached in ``latent_cache`` like :func:`prepare_latents`, and the statistics written the same way."""
-    if not hasattr(tokenizer, "encode_latents"):
-        raise ValueError(f"{cfg.tokenizer}: a feature cache needs a tokenizer on the frozen TAEF2 (encode_latents)")
+    if not hasattr(tokenizer, "tokens_from_latents"):
+        raise ValueError(f"{cfg.tokenizer}: a feature cache needs TAEF2 or a tokenizer on it (tokens_from_latents)")
     fc = open_feature_cache(cfg.feature_cache)
     n = len(fc) if cfg.data.max_images is None else min(len(fc), cfg.data.max_images)
     z = torch.from_numpy(np.array(fc.latents[:n]))
@@ -129,7 +129,7 @@ def prepare_cached_latents(cfg: GeneratorTrainConfig, tokenizer: nn.Module,
         tokenizer.eval()
         out = []
         for i in range(0, len(z), 500):
-            out.append(tokenizer.encode_latents(z[i : i + 500].float().to(device), compute_losses=False).tokens.cpu())
+            out.append(tokenizer.tokens_from_latents(z[i : i + 500].float().to(device)).cpu())
             if (i // 500) % 40 == 0:
                 print(f"encoded {i + len(out[-1])}/{len(z)} cached latents", flush=True)
         tokens = torch.cat(out).half()

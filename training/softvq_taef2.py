@@ -263,3 +263,42 @@ def export(trainer: Trainer, cfg: LatentTokenizerTrainConfig, stats_latents: tor
 
 
 __all__ = ["LatentTokenizerTrainConfig", "build_model", "held_out", "train_softvq_taef2"]
+
+
+# ---------------------------------------------------------------------------------------------- generators
+# The SiT recipe of the same-budget comparison (issue #16, item 4): one architecture and schedule, trained on
+# the 32 tokens of a softvq-taef2 tokenizer or on TAEF2's own 64 tokens, from the same feature cache.
+
+
+def _sit(tokens: int, dim: int, tokenizer: str, tokenizer_ref: str, out: str) -> C.GeneratorTrainConfig:
+    return C.GeneratorTrainConfig(
+        model=f"sit-s-{tokens}x{dim}",
+        model_overrides={"hidden_size": 256, "depth": 6, "num_heads": 4, "mlp_ratio": 2.5, "cfg_scale": 2.0,
+                         "guidance_high": 0.7, "steps": 50, "sampler": "sde"},
+        tokenizer=tokenizer,
+        tokenizer_ref=tokenizer_ref,
+        feature_cache="runs/cache/tiny-train",
+        encode_flip=True,  # 200k latents: the 100k images and their mirrors (the grid flipped)
+        repa_weight=0.5,
+        repa_depth=2,
+        optim=OptimConfig(lr=3e-4, warmup_steps=500, weight_decay=0.0, min_lr_ratio=0.1),
+        run=RunConfig(out_dir=out, steps=30000, batch_size=64, threads=2, ema_decay=0.9995, log_every=20,
+                      ckpt_every=500, ckpt_every_minutes=5, sample_every=1000),
+        t_sampling="lognormal",
+        class_dropout=0.1,
+        sample_steps=25,
+        sample_cfg=2.0,
+    )
+
+
+@C.named
+def sit_softvq_taef2() -> C.GeneratorTrainConfig:
+    """SiT (width 256, depth 6, ~5.9 M parameters) with REPA on the 32 tokens of softvq-taef2-32x64, all 100k
+    Tiny ImageNet train images and their mirrors (feature cache), 200 classes."""
+    return _sit(32, 64, "runs/softvq-taef2-32x64/export", "default-tokenizer", "runs/sit-softvq-taef2")
+
+
+@C.named
+def sit_taef2_64() -> C.GeneratorTrainConfig:
+    """The same SiT recipe on TAEF2's own 64 tokens (the same-budget comparison's baseline)."""
+    return _sit(64, 32, "weights/default/tokenizer", "default-taef2", "runs/sit-taef2-64")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import models
+import training.softvq_taef2  # noqa: F401  (registers the softvq-taef2 and SiT-on-TAEF2 configs)
 from models.taef2 import DEFAULT_WEIGHTS, TAEF2
 from training.config import apply_overrides, get_named
 from training.data import load_images, tiny_imagenet_validation, to_float
@@ -167,3 +168,20 @@ def test_sit_trains_on_cached_tokens_with_representation_alignment(tmp_path, cac
                                                         f"run.out_dir={tmp_path / 'bad'}"])
     with pytest.raises(ValueError, match="feature_cache"):
         train_generator(bad)
+
+
+def test_the_comparison_recipes_differ_only_in_their_tokens() -> None:
+    a, b = get_named("sit-softvq-taef2"), get_named("sit-taef2-64")
+    assert a.model_overrides == b.model_overrides and a.optim == b.optim and a.repa_weight == b.repa_weight > 0
+    assert models.get_config(a.model, **a.model_overrides).num_tokens == 32
+    assert models.get_config(b.model, **b.model_overrides).num_tokens == 64
+    assert a.run.batch_size == b.run.batch_size and a.feature_cache == b.feature_cache
+
+
+def test_taef2_tokens_from_cached_latents_equal_encode(cache_dir: Path) -> None:
+    taef2 = TAEF2.from_original()
+    real = load_images("tiny-val", 64, max_images=4)
+    with torch.no_grad():
+        direct = taef2.encode(to_float(real.images))
+    z = torch.from_numpy(open_feature_cache(cache_dir).latents[:4].astype(np.float32))
+    torch.testing.assert_close(taef2.tokens_from_latents(z), direct, atol=2e-2, rtol=1e-2)
