@@ -16,13 +16,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from importlib.util import find_spec
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
+from server.codec_pool import CodecPool
 from server.engine.specs import resolve_models
 from server.handlers import install_handlers
 from server.metrics import Metrics, gpu_memory
@@ -52,7 +57,9 @@ async def _start_engine(state: AppState) -> None:
         await engine.start()
     except Exception as e:
         state.load_error = f"{type(e).__name__}: {e}"
-        log.exception("the models failed to load; /readyz stays 503")
+        log.error("the models failed to load, so the server stops: %s", state.load_error, exc_info=e)
+        if state.request_exit is not None:
+            state.request_exit()
 
 
 @asynccontextmanager
@@ -60,34 +67,46 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.tokserve
     state.accepting = True
     state.load_error = None
-    state.codec_pool = ThreadPoolExecutor(state.settings.codec_threads, thread_name_prefix="tokserve-codec")
+    state.stopping = None
+    state.codec_pool = CodecPool(state.settings.codec_threads)
     state.queue = create_queue(state.settings, state.models.queue_kinds())
     await state.queue.open()
-    starting: asyncio.Task[None] | None = None
-    if not state.settings.redis_url:
-        starting = asyncio.create_task(_start_engine(state))
+    if not state.settings.redis_url:  # load in the background: /healthz answers meanwhile
+        state._background.add(asyncio.create_task(_start_engine(state)))
     try:
         yield
     finally:
-        await shutdown(state, starting)
+        await shutdown(state)
+        if state.codec_pool is not None:
+            state.codec_pool.shutdown()
 
 
-async def shutdown(state: AppState, starting: asyncio.Task[None] | None = None) -> None:
-    """Stop accepting, let accepted work finish (``shutdown_grace_s``), stop workers, answer what is left."""
+async def shutdown(state: AppState) -> None:
+    """Drain once (a second call waits for the first): stop accepting (new requests get 503 + Retry-After),
+    let accepted work finish for up to ``shutdown_grace_s``, stop the workers, answer what is left with 503.
+    Returns within the grace plus the time of one model call already running."""
+    if state.stopping is None:
+        state.stopping = asyncio.ensure_future(_drain(state))
+    await asyncio.shield(state.stopping)
+
+
+async def _drain(state: AppState) -> None:
+    loop = asyncio.get_running_loop()
+    grace = state.settings.shutdown_grace_s
+    end = loop.time() + grace
     state.accepting = False
     queue = state.queue
     if queue is not None:
         await queue.close()
-        if not await queue.drain(state.settings.shutdown_grace_s):
-            log.warning("shutdown: accepted jobs did not finish within %.0f s", state.settings.shutdown_grace_s)
-    if starting is not None and not starting.done():
-        await asyncio.wait([starting])
+        if not await queue.drain(grace):
+            log.warning("shutdown: accepted jobs did not finish within %.1f s; answering them 503", grace)
+    starting = [t for t in state._background if not t.done()]
+    if starting:  # still loading the models: wait for that within the grace, no longer
+        await asyncio.wait(starting, timeout=max(0.0, end - loop.time()))
     if state.engine is not None:
-        await state.engine.stop()
+        await state.engine.stop(timeout=max(0.0, end - loop.time()))
     if queue is not None:
         await queue.release()
-    if state.codec_pool is not None:
-        state.codec_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -112,7 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = AppState(settings=settings, models=models, metrics=metrics)
     metrics.watch(lambda: state.queue.depths() if state.queue is not None else {}, gpu_memory)
     app = FastAPI(
-        title="tokserve", version=VERSION, lifespan=lifespan,
+        title="tokserve", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
         description="Serving for 1-D image tokenizers (SoftVQ-VAE) and the SiT / DiT generators trained on them. "
                     "Contract: docs/API.md.",
     )
@@ -121,4 +140,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router())
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    _serve_docs(app)
     return app
+
+
+def docs_assets() -> Path:
+    """Swagger UI and ReDoc, as shipped inside the ``fastapi-offline`` package (no CDN at run time)."""
+    spec = find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the fastapi-offline package (the /docs and /redoc assets) is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` with their scripts, styles and icon served from this process."""
+    assets = "/docs/assets"
+    app.mount(assets, StaticFiles(directory=docs_assets()), name="docs-assets")
+
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI",
+                                   swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{assets}/swagger-ui.css",
+                                   swagger_favicon_url=f"{assets}/favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # no badge from the internet
+
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{assets}/redoc.standalone.js",
+                              redoc_favicon_url=f"{assets}/favicon.png", with_google_fonts=False)
+
+    app.add_api_route("/docs", swagger, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)

@@ -59,17 +59,33 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# After the drain (which answers every accepted request), how long uvicorn waits for the last responses
+# to be written before it closes what is left. Shutdown takes at most SHUTDOWN_GRACE_S + this (+ one model
+# call already running, which cannot be interrupted).
+SHUTDOWN_MARGIN_S = 1
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.serving import DrainingServer
 
     configure_logging(args.log_level)
-    settings = settings_from_args(args)
-    app = create_app(settings)
+    try:
+        settings = settings_from_args(args)
+        app = create_app(settings)
+    except Exception as e:  # a bad setting or model list: one clear line, no traceback
+        print(f"tokserve: cannot start: {e}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5, access_log=False)
-    uvicorn.Server(config).run()
+                            timeout_graceful_shutdown=SHUTDOWN_MARGIN_S, access_log=False)
+    server = DrainingServer(config)
+    server.run()
+    state = app.state.tokserve
+    if state.load_error is not None:
+        print(f"tokserve: the models failed to load: {state.load_error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,6 +10,7 @@ from fastapi import Depends, Header, Request
 
 from server.errors import InvalidValue, Unauthorized
 from server.state import AppState
+from server.validation import DEADLINE_HEADER, PRIORITY_HEADER, parse_deadline_ms, parse_priority
 
 
 def get_state(request: Request) -> AppState:
@@ -35,31 +36,55 @@ def require_api_key(state: StateDep, authorization: Annotated[str | None, Header
         raise Unauthorized("invalid API key")
 
 
+IdempotencyKey = Annotated[str | None, Header(
+    min_length=1, max_length=255, description="repeat a request without running it again (1-255 characters)")]
+DeadlineHeader = Annotated[str | None, Header(
+    pattern=DEADLINE_HEADER, description="deadline in milliseconds from now (decimal, at most a day)")]
+PriorityHeader = Annotated[str | None, Header(
+    pattern=PRIORITY_HEADER, description="-100..100, higher runs sooner")]
+
+
 class RequestOptions:
     """Per-request options from headers: deadline (``x-deadline-ms``), priority (``x-priority``, higher runs
-    sooner), ``Idempotency-Key``, request id."""
+    sooner), ``Idempotency-Key``, request id. The values are checked by :mod:`server.validation`."""
 
-    def __init__(self, request: Request, state: StateDep,
-                 x_deadline_ms: Annotated[str | None, Header()] = None,
-                 x_priority: Annotated[str | None, Header()] = None,
-                 idempotency_key: Annotated[str | None, Header()] = None) -> None:
-        from server.jobs import parse_priority
-
-        self.priority = parse_priority(x_priority) if x_priority is not None else 0
+    def __init__(self, request: Request, state: StateDep, x_deadline_ms: DeadlineHeader = None,
+                 x_priority: PriorityHeader = None, idempotency_key: IdempotencyKey = None) -> None:
+        self.priority = parse_priority(x_priority, "x-priority") if x_priority is not None else 0
         self.request_id: str = request.scope.get("state", {}).get("request_id", "")
-        if x_deadline_ms is None:
-            budget = state.settings.default_deadline_s
-        else:
-            try:
-                budget = float(x_deadline_ms) / 1000.0
-            except ValueError:
-                raise InvalidValue(f"x-deadline-ms must be a number of milliseconds, got {x_deadline_ms!r}") from None
-            if not budget > 0:
-                raise InvalidValue("x-deadline-ms must be positive")
+        budget = (state.settings.default_deadline_s if x_deadline_ms is None
+                  else parse_deadline_ms(x_deadline_ms, "x-deadline-ms"))
         self.deadline = time.time() + budget
-        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
-            raise InvalidValue("Idempotency-Key must be 1 to 255 characters")
         self.idempotency_key = idempotency_key
+
+
+def known_query(request: Request) -> None:
+    """Unknown query parameters are refused (422 naming them): the route's declared ones (and those its
+    OpenAPI lists, for routes that read them by hand) are the only ones accepted."""
+    route = request.scope.get("route")
+    if not request.query_params or route is None:
+        return
+    allowed = _allowed_query(route)
+    unknown = sorted({k for k in request.query_params if k not in allowed})
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise InvalidValue(f"unknown query parameter(s) {shown}: this route takes {sorted(allowed) or 'none'}")
+
+
+def _allowed_query(route: object) -> frozenset[str]:
+    cached = getattr(route, "_tokserve_query", None)
+    if cached is None:
+        names: set[str] = set()
+        todo = [route.dependant]  # type: ignore[attr-defined]
+        while todo:  # the route's parameters and its dependencies' parameters
+            dep = todo.pop()
+            names |= {p.alias for p in dep.query_params}
+            todo.extend(dep.dependencies)
+        extra = getattr(route, "openapi_extra", None) or {}
+        names |= {p["name"] for p in extra.get("parameters", ()) if p.get("in") == "query"}
+        cached = frozenset(names)
+        route._tokserve_query = cached  # type: ignore[attr-defined]
+    return cached
 
 
 OptionsDep = Annotated[RequestOptions, Depends(RequestOptions)]

@@ -24,10 +24,12 @@ def request_id_of(request: Request) -> str:
 
 
 def error_response(status: int, type_: str, message: str, request_id: str,
-                   retry_after: float | None = None) -> JSONResponse:
-    headers = {}
+                   retry_after: float | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
     if status in RETRY_STATUSES:
         headers["Retry-After"] = str(max(0, math.ceil(retry_after if retry_after is not None else 1)))
+    # Messages may quote client text: lone surrogates (valid in JSON strings) cannot be UTF-8 encoded
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse(error_body(type_, message, request_id), status_code=status, headers=headers)
 
 
@@ -50,7 +52,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}"
-    return error_response(exc.status_code, type_, message, request_id_of(request))
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}; allowed: {(exc.headers or {}).get('Allow', '')}"
+    return error_response(exc.status_code, type_, message, request_id_of(request), headers=exc.headers)
 
 
 def describe_validation(errors: list[dict] | tuple) -> str:  # type: ignore[type-arg]

@@ -13,19 +13,11 @@ from typing import Any
 
 import torch
 
-from server.codecs import (
-    b64,
-    decode_base64,
-    encode_images,
-    images_to_tensor,
-    tensor_from_json,
-    tensor_to_json,
-    validate_tokens,
-)
+from server.admission import decode_images, parse_tokens
+from server.codecs import b64, decode_base64, encode_images, tensor_to_json
 from server.errors import InvalidValue
 from server.queue.base import (
     OPS,
-    PRIORITY_RANGE,
     DecodePayload,
     EncodePayload,
     GeneratePayload,
@@ -36,10 +28,9 @@ from server.routes.common import fingerprint
 from server.schemas import EncodeJSONRequest, GeneratedImage, GenerateParams, GenerateResponse
 from server.settings import Settings
 from server.state import AppState
-from server.validation import ValidGenerate, parse_model, validate_generate
+from server.validation import ValidGenerate, decode_body, parse_model, validate_generate
 
 JOB_FIELDS = ("op", "priority", "deadline_ms")  # what a jobs body adds to a synchronous route's body
-DECODE_FORMATS = ("png", "jpeg", "webp", "npy")
 
 
 @dataclass
@@ -51,26 +42,6 @@ class Prepared:
     payload: Payload
     fingerprint: str
     meta: dict[str, Any]
-
-
-def parse_priority(value: object) -> int:
-    lo, hi = PRIORITY_RANGE
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise InvalidValue(f"priority must be an integer in {lo}..{hi}")
-    try:
-        p = int(value)
-    except ValueError:
-        raise InvalidValue(f"priority must be an integer in {lo}..{hi}, got {value!r}") from None
-    if not lo <= p <= hi:
-        raise InvalidValue(f"priority must be in {lo}..{hi} (higher runs sooner), got {p}")
-    return p
-
-
-def parse_deadline_ms(value: object) -> float:
-    """A ``deadline_ms`` body field (milliseconds from now) -> seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise InvalidValue(f"deadline_ms must be a positive number of milliseconds, got {value!r}")
-    return float(value) / 1000.0
 
 
 async def prepare(op: object, body: dict[str, Any], state: AppState, idempotency_key: str | None) -> Prepared:
@@ -97,24 +68,16 @@ async def _encode(body: dict[str, Any], state: AppState) -> Prepared:
     blobs = [decode_base64(t, f"images[{i}]") for i, t in enumerate(texts)]
     spec = state.models.tokenizer(req.model)
     mode = req.preprocess or "center-crop"
-    images = await state.codec(images_to_tensor, blobs, spec.image_size, mode, s.max_image_pixels)
+    images = await decode_images(state, spec.name, spec.image_size, blobs, mode)
     return Prepared("encode", spec.name, EncodePayload(images), fingerprint("encode", spec.name, mode, *blobs),
                     {"model": spec.name})
 
 
 async def _decode(body: dict[str, Any], state: AppState) -> Prepared:
-    s = state.settings
-    extra = sorted(set(body) - {"shape", "dtype", "data", "model", "format"})
-    if extra:
-        raise InvalidValue(f"unknown fields {extra}")
-    spec = state.models.tokenizer(body.get("model"))
-    fmt = body.get("format") or "png"
-    if fmt not in DECODE_FORMATS:
-        raise InvalidValue(f"format must be png, jpeg, webp or npy, got {fmt!r}")
-    tensor = {k: body[k] for k in ("shape", "dtype", "data") if k in body}
-    tokens = await state.codec(lambda: validate_tokens(tensor_from_json(tensor), spec.token_shape,
-                                                       model=spec.name, max_rows=s.max_images_per_request,
-                                                       codebook_size=spec.codebook_size))
+    tensor, model, fmt = decode_body(body)
+    spec = state.models.tokenizer(model)
+    fmt = fmt or "png"
+    tokens = await parse_tokens(state, spec, "json", tensor)
     return Prepared("decode", spec.name, DecodePayload(tokens), fingerprint("decode", spec.name, fmt, tokens),
                     {"model": spec.name, "format": fmt})
 

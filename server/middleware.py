@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 from starlette.datastructures import MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import PayloadTooLarge, error_body
@@ -23,6 +24,7 @@ from server.metrics import Metrics
 log = logging.getLogger("tokserve.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _OPS = {"encode", "decode", "generate", "models", "healthz", "readyz", "metrics"}
+CLIENT_CLOSED = 499  # the metrics' status of a request whose client disconnected before its answer
 
 
 def op_of(path: str) -> str:
@@ -69,6 +71,9 @@ class RequestContext:
                                   f"body of {length} bytes; the limit is {self.max_body_bytes}", rid)
             else:
                 await self.app(scope, self._limited(receive), send_with_headers)
+        except ClientDisconnect:  # the client went away mid-request: nobody to answer, not a server error
+            log.info("request %s: the client disconnected", rid)
+            started["status"] = started["status"] or CLIENT_CLOSED
         except Exception as e:  # a bug: answer 500 with the request id, never crash the process
             log.exception("request %s: unhandled %s", rid, type(e).__name__)
             if not started["status"]:

@@ -37,6 +37,8 @@ class EncodeResponse(TensorJSON):
 
 
 class DecodeJSONRequest(TensorJSON):
+    model_config = ConfigDict(extra="forbid")
+
     model: str | None = Field(None, description="tokenizer name; default: the default tokenizer")
     format: DecodeFormat | None = Field(None, description="output: png (default), jpeg, webp or npy")
 
@@ -53,7 +55,7 @@ class GenerateParams(BaseModel):
     """Generation parameters, as query parameters or JSON fields (JSON wins). Unset values come from the
     generator's config (``GET /v1/models`` ``defaults``)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     class_id: int | None = Field(None, validation_alias=AliasChoices("class", "class_id"),
                                  description="ImageNet-1k class id served by the model (alias class_id)")
@@ -119,6 +121,55 @@ class ModelsResponse(BaseModel):
     default_generator: str | None
 
 
+JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    cancel: str
+
+
+class JobAccepted(BaseModel):
+    """``202`` of ``POST /v1/jobs`` (``Location`` is ``links.self``)."""
+
+    id: str
+    op: Literal["encode", "decode", "generate"]
+    model: str
+    status: JobStatus
+    priority: int
+    links: JobLinks
+
+
+class JobProgress(BaseModel):
+    step: int
+    steps: int
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class JobResponse(BaseModel):
+    """``GET /v1/jobs/{id}`` and ``POST /v1/jobs/{id}/cancel`` (without ``result``)."""
+
+    id: str
+    op: Literal["encode", "decode", "generate"]
+    model: str
+    status: JobStatus
+    priority: int
+    request_id: str
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    deadline: float | None = Field(..., description="unix seconds")
+    deliveries: int
+    progress: JobProgress | None
+    error: JobError | None
+    result: dict[str, Any] | None = Field(..., description="once completed: the synchronous route's JSON body")
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str
@@ -137,15 +188,16 @@ class HealthResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse, "description": why}
     for code, why in {
-        400: "bad input (undecodable image, malformed body)",
+        400: "bad input (undecodable image, malformed or too deeply nested body, lying tensor header)",
         401: "API key missing or wrong",
-        404: "unknown model",
-        413: "body or image too large",
+        404: "unknown model, job or route",
+        405: "method not allowed on this route (Allow lists the methods)",
+        413: "body, image or the request's pixels too large",
         415: "unsupported content type",
         422: "invalid values (token shape/dtype, NaN, class out of range, bad parameter)",
-        429: "queue full (Retry-After)",
+        429: "queue full or too much being decoded (Retry-After)",
         500: "the model failed on this request",
-        503: "not ready or shutting down (Retry-After)",
+        503: "not ready, shutting down or queue backend unreachable (Retry-After)",
         504: "deadline passed",
     }.items()
 }

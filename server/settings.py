@@ -34,7 +34,8 @@ def _split(v: object) -> object:
 class Settings(BaseSettings):
     """The one settings object of a tokserve process (API and/or worker)."""
 
-    model_config = SettingsConfigDict(env_prefix="TOKSERVE_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix="TOKSERVE_", extra="ignore", validate_default=True,
+                                      allow_inf_nan=False)
 
     # ---- models
     models: Annotated[list[str], NoDecode] = Field(
@@ -47,7 +48,11 @@ class Settings(BaseSettings):
     default_generator: str | None = Field(None, description="Generator used when a request names none.")
     device: str = Field("auto", description="`auto` (cuda when available), `cpu`, `cuda`, `cuda:1` ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Model compute dtype.")
-    allow_pickle: bool = Field(False, description="Allow loading pickle checkpoints (they can run code).")
+    allow_pickle: bool = Field(False, description="Allow pickle checkpoints, read with torch.load(weights_only=True) "
+                               "(tensors and plain containers only; anything else is refused).")
+    unsafe_unpickle_runs_code: bool = Field(
+        False, description="DANGER: with allow_pickle, fully unpickle checkpoints the safe loader refuses; a crafted "
+        "checkpoint then runs code in this process. Only for checkpoints you made yourself.")
     warmup: bool = Field(True, description="Run every model once before reporting ready.")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the worker.")
     runtime: str = Field(
@@ -94,6 +99,11 @@ class Settings(BaseSettings):
     # ---- limits
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest accepted image (width x height).")
+    max_request_pixels: int = Field(4 * 4096 * 4096, ge=1, description="Most pixels of all the images of one "
+                                    "request (413 above; read from the headers before decoding).")
+    max_decode_pixels: int = Field(2 * 4096 * 4096, ge=1, description="Pixels of large requests (over 1 MP) being "
+                                   "decoded at once, all requests together (429 above; one request alone may "
+                                   "always use it).")
     max_images_per_request: int = Field(64, ge=1, description="Most images (rows) in one request.")
     max_steps: int = Field(1000, ge=1, description="Most denoising steps a request may ask for.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -108,15 +118,35 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(3, ge=0, le=9)
     shutdown_grace_s: float = Field(30.0, ge=0, description="How long shutdown waits for accepted work.")
 
-    @field_validator("models", "api_keys", mode="before")
+    @field_validator("models", mode="before")
     @classmethod
     def _comma_lists(cls, v: object) -> object:
         return _split(v)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, v: object) -> object:
+        """Blank (unset) means no authentication; anything else must be a comma list of non-empty keys, so a
+        value such as " , " or "key1,,key2" fails start-up instead of silently turning authentication off."""
+        if isinstance(v, str):
+            if not v.strip():
+                return []
+            keys = [k.strip() for k in v.split(",")]
+            if not all(keys):
+                raise ValueError("TOKSERVE_API_KEYS holds an empty key (a stray comma?): give a comma list of "
+                                 "non-empty keys, or leave it unset for no authentication")
+            return keys
+        if isinstance(v, list) and not all(str(k.get_secret_value() if isinstance(k, SecretStr) else k).strip()
+                                           for k in v):
+            raise ValueError("api_keys holds an empty key")
+        return v
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         if not self.models:
             self.models = default_models()
+        if self.unsafe_unpickle_runs_code and not self.allow_pickle:
+            raise ValueError("unsafe_unpickle_runs_code needs allow_pickle")
         return self
 
     def api_key_values(self) -> list[bytes]:

@@ -6,6 +6,8 @@ Every problem raises :class:`server.errors.InvalidValue` (422) that names the pa
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +16,86 @@ from pydantic import BaseModel, ValidationError
 
 from models.sampling.base import SampleRequest
 from server.engine.specs import ModelSpec
-from server.errors import InvalidValue
+from server.errors import BadRequest, InvalidValue
 from server.handlers import describe_validation
+from server.queue.base import PRIORITY_RANGE
 from server.schemas import GenerateParams
 from server.settings import Settings
 
 MAX_SEED = 2**53  # JSON-safe integers for every client
+MAX_DEADLINE_MS = 24 * 3600 * 1000  # x-deadline-ms / deadline_ms: at most a day
+# Header forms (ASCII digits only: no "inf", "nan", "1e300", "0x10", "1_000" or non-ASCII digits)
+DEADLINE_HEADER = r"^[0-9]{1,12}(\.[0-9]{1,6})?$"
+PRIORITY_HEADER = r"^[+-]?[0-9]{1,4}$"
+_DEADLINE_RE = re.compile(DEADLINE_HEADER)
+_PRIORITY_RE = re.compile(PRIORITY_HEADER)
+DECODE_FORMATS = ("png", "jpeg", "webp", "npy")
+DECODE_FIELDS = ("shape", "dtype", "data", "model", "format")
+
+
+# ---------------------------------------------------------------------------------------------- control fields
+# Every numeric header and JSON control field is checked here, finite and in range, once.
+
+
+def parse_deadline_ms(value: object, name: str = "deadline_ms") -> float:
+    """A deadline in milliseconds from now (``x-deadline-ms`` header text, or a JSON number) -> seconds.
+    Finite, > 0 and at most :data:`MAX_DEADLINE_MS`; anything else is 422."""
+    if isinstance(value, str):
+        if not _DEADLINE_RE.fullmatch(value):
+            raise InvalidValue(f"{name} must be a decimal number of milliseconds, got {_short(value)}")
+        ms = float(value)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        ms = float(value) if not isinstance(value, int) or abs(value) < 2**63 else math.inf
+    else:
+        raise InvalidValue(f"{name} must be a number of milliseconds, got {_short(value)}")
+    if not (math.isfinite(ms) and 0 < ms <= MAX_DEADLINE_MS):
+        raise InvalidValue(f"{name} must be in (0, {MAX_DEADLINE_MS}] milliseconds, got {_short(value)}")
+    return ms / 1000.0
+
+
+def parse_priority(value: object, name: str = "priority") -> int:
+    """``x-priority`` header text or a JSON integer -> an int in :data:`PRIORITY_RANGE` (422 otherwise)."""
+    lo, hi = PRIORITY_RANGE
+    if isinstance(value, str):
+        if not _PRIORITY_RE.fullmatch(value):
+            raise InvalidValue(f"{name} must be an integer in {lo}..{hi}, got {_short(value)}")
+        p = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        p = value
+    else:
+        raise InvalidValue(f"{name} must be an integer in {lo}..{hi}, got {_short(value)}")
+    if not lo <= p <= hi:
+        raise InvalidValue(f"{name} must be in {lo}..{hi} (higher runs sooner), got {_short(p)}")
+    return p
+
+
+def optional_name(value: object, name: str) -> str | None:
+    """A model name (or similar) from a JSON body: a string or null (422 for a list, object, number)."""
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidValue(f"{name} must be a string, got {type(value).__name__}")
+
+
+def decode_body(body: object) -> tuple[dict[str, Any], str | None, str | None]:
+    """The JSON body of ``POST /v1/decode`` -> (the tensor fields, model, format). Unknown fields, a
+    non-string model and an unknown format are 422."""
+    if not isinstance(body, dict):
+        raise BadRequest('the JSON body must be a tensor object {"shape", "dtype", "data"}')
+    extra = sorted(set(body) - set(DECODE_FIELDS))
+    if extra:
+        raise InvalidValue(f"unknown fields {_short(extra)}: a decode body has {list(DECODE_FIELDS)}")
+    model = optional_name(body.get("model"), "model")
+    fmt = optional_name(body.get("format"), "format")
+    if fmt is not None and fmt not in DECODE_FORMATS:
+        raise InvalidValue(f"format must be one of {list(DECODE_FORMATS)}, got {_short(fmt)}")
+    return {k: body[k] for k in ("shape", "dtype", "data") if k in body}, model, fmt
+
+
+def _short(value: Any, n: int = 60) -> str:
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def parse_model(model: type[BaseModel], data: Any) -> Any:

@@ -89,17 +89,23 @@ class Engine:
                         await self.queue.fail(job, RuntimeError("the worker loop crashed"))
                 await asyncio.sleep(0.1)
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Stop the loops (each finishes what it holds), then the device thread."""
+    async def stop(self, timeout: float) -> None:
+        """Stop the loops: each finishes what it holds for up to ``timeout`` seconds, then is cancelled and
+        its unfinished generation jobs are handed back. A model call already running in the device thread
+        finishes there (it cannot be interrupted); nothing waits for it here."""
         self._stop.set()
         if self._tasks:
-            done, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            pending = set(self._tasks)
+            if timeout > 0:
+                _, pending = await asyncio.wait(self._tasks, timeout=timeout)
             for t in pending:
                 t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=0.5)
             for loop in self.loops:
                 if isinstance(loop, GenerateLoop):
                     for job in loop.scheduler.drop([j.id for j in loop.scheduler.jobs]):
                         await self.queue.hand_back(job)
         self.ready = False
         self.metrics.ready.set(0)
-        await asyncio.get_running_loop().run_in_executor(None, self.device.shutdown)
+        self.device.shutdown(wait=False)

@@ -6,7 +6,10 @@ Inputs and outputs are CPU float32 tensors; the runtime moves them to and from i
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -38,8 +41,34 @@ def load_module(spec: ModelSpec, settings: Settings) -> nn.Module:
             module = models.create_model(spec.registry_name)
             enliven(module)
     else:
-        module = models.load_pretrained(spec.source, allow_pickle=settings.allow_pickle)
+        with weights_only_unpickling(not settings.unsafe_unpickle_runs_code):
+            module = models.load_pretrained(spec.source, allow_pickle=settings.allow_pickle)
     return module.eval()
+
+
+@contextlib.contextmanager
+def weights_only_unpickling(enforce: bool = True) -> Iterator[None]:
+    """While loading checkpoints, every ``torch.load`` is ``weights_only=True`` whatever its caller asks
+    (torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``): a pickle the safe loader refuses fails the start-up instead
+    of being retried with full unpickling, which runs whatever code the file names. ``enforce=False``
+    (``TOKSERVE_UNSAFE_UNPICKLE_RUNS_CODE``) leaves torch.load alone, with a warning."""
+    if not enforce:
+        log.warning("!!! TOKSERVE_UNSAFE_UNPICKLE_RUNS_CODE is set: pickle checkpoints may be fully unpickled, "
+                    "which runs any code they contain. Use only checkpoints you made yourself. !!!")
+        yield
+        return
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {n: os.environ.get(n) for n in names}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
 
 
 def enliven(module: nn.Module, std: float = 0.1) -> nn.Module:
@@ -225,5 +254,5 @@ class DeviceThread:
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def shutdown(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=True)

@@ -13,6 +13,7 @@ processes and machines.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -232,6 +233,11 @@ class JobQueue(ABC):
         """Cancel a tracked job: a queued job never runs, a running generation leaves its batch at the next
         step (its rows are freed). A finished job is left as it is. Returns the state after, None if
         unknown."""
+
+    def valid_event_id(self, event_id: str) -> bool:
+        """Whether ``event_id`` (a client's ``Last-Event-ID``) has the form of this backend's event ids
+        (in-process: 1, 2, 3 ...); the route refuses anything else with 422."""
+        return bool(re.fullmatch(r"[0-9]{1,18}", event_id))
 
     # ------------------------------------------------------------------ worker side
     @abstractmethod

@@ -60,7 +60,7 @@ log = logging.getLogger("tokserve.redis")
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 EVENTS_MAXLEN = 5000
 DEAD_MAXLEN = 10_000
-_STREAM_ID = re.compile(rb"^\d+-\d+$")
+_STREAM_ID = re.compile(rb"^[0-9]{1,20}-[0-9]{1,20}$")
 T = TypeVar("T")
 
 
@@ -150,6 +150,7 @@ class RedisQueue(LocalIdleMixin, JobQueue):  # drain: this process's waiting cal
         self._outage_logged = 0.0
         self._closed = False
         self._released = False
+        self._released_event = asyncio.Event()
         self._waiters = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -168,6 +169,7 @@ class RedisQueue(LocalIdleMixin, JobQueue):  # drain: this process's waiting cal
         """Withdraw this worker's announcement, hand back every job it still holds, disconnect."""
         announced, self._announced = self._announced, None
         self._released = True
+        self._released_event.set()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -228,7 +230,7 @@ class RedisQueue(LocalIdleMixin, JobQueue):  # drain: this process's waiting cal
         self._waiters += 1
         self._idle.clear()
         try:
-            return await self._wait(job_id, job.deadline)
+            return await self._wait_unless_released(job_id, job.deadline)
         except (DeadlineExceeded, asyncio.CancelledError):
             if new and not self._released:  # the caller gave up: workers drop the job (in the background)
                 self._spawn(self._quietly(self._cancel_job(job_id, "abandoned by its caller")))
@@ -237,6 +239,23 @@ class RedisQueue(LocalIdleMixin, JobQueue):  # drain: this process's waiting cal
             self._waiters -= 1
             if not self._waiters:
                 self._idle.set()
+
+    async def _wait_unless_released(self, job_id: str, deadline: float | None) -> JobResult:
+        """:meth:`_wait`, cut short by :meth:`release` (the API process stops after its grace): the caller
+        gets 503 + Retry-After; the job stays queued for the workers (a retry with the same
+        Idempotency-Key attaches to it)."""
+        waiting = asyncio.ensure_future(self._wait(job_id, deadline))
+        released = asyncio.ensure_future(self._released_event.wait())
+        try:
+            await asyncio.wait({waiting, released}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            released.cancel()
+            if not waiting.done():
+                waiting.cancel()
+        if waiting.done() and not waiting.cancelled():
+            return waiting.result()
+        raise ShuttingDown("the server stopped before the result was ready; the job stays queued",
+                           retry_after=self.opts.retry_after_s)
 
     async def enqueue(self, job: Job) -> str:
         job.tracked = True
@@ -401,8 +420,13 @@ class RedisQueue(LocalIdleMixin, JobQueue):  # drain: this process's waiting cal
                 result = None if raw is None else result_from_bytes(raw)
         return _info(h, result)
 
+    def valid_event_id(self, event_id: str) -> bool:
+        """A stream entry id ``<ms>-<seq>``, both parts within Redis's unsigned 64 bits."""
+        m = _STREAM_ID.fullmatch(event_id.encode("utf-8", "replace"))
+        return m is not None and all(int(part) < 2**64 for part in event_id.split("-"))
+
     async def events(self, job_id: str, after: str | None, timeout: float) -> list[JobEvent] | None:
-        start = after.encode() if after and _STREAM_ID.match(after.encode()) else b"0-0"
+        start = after.encode() if after and self.valid_event_id(after) else b"0-0"
         with self._api():
             tracked, status = await self._r.hmget(self.keys.job(job_id), ["tracked", "status"])
             if tracked != b"1":

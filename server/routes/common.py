@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-import json
-from typing import Any
+import math
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
-from server.codecs import NPY, SAFETENSORS, tensor_to_json, tensor_to_npy, tensor_to_safetensors
+from server.codecs import NPY, SAFETENSORS, parse_json, tensor_to_json, tensor_to_npy, tensor_to_safetensors
 from server.deps import RequestOptions
-from server.errors import BadRequest
 from server.queue.base import Job, JobResult, Payload
 from server.state import AppState
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
+T = TypeVar("T")
 
 
 def schema_ref(name: str) -> dict[str, Any]:
@@ -48,19 +52,20 @@ def negotiate(accept: str | None, offered: list[str]) -> str | None:
                     q = float(f[2:])
                 except ValueError:
                     q = 0.0
+                if not (math.isfinite(q) and 0.0 <= q <= 1.0):
+                    q = 0.0
         if media in offered and q > 0 and (best is None or q > best[0]):
             best = (q, i, media)
     return best[2] if best else None
 
 
 async def read_json(request: Request) -> Any:
+    """The request body as JSON (bounded: see :func:`server.codecs.parse_json`); bodies past the light
+    cost are parsed in the codec pool, off the event loop."""
     body = await request.body()
-    if not body:
-        raise BadRequest("empty JSON body")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"malformed JSON: {e}") from None
+    if len(body) <= 64 * 1024:
+        return parse_json(body)
+    return await request.app.state.tokserve.codec(parse_json, body, cost=len(body))
 
 
 def fingerprint(*parts: Any) -> str:
@@ -86,10 +91,36 @@ async def run_job(request: Request, state: AppState, opts: RequestOptions, model
     fp = fingerprint(payload.op, model, *fingerprint_parts) if opts.idempotency_key else None
     job = Job(model=model, payload=payload, request_id=opts.request_id, deadline=opts.deadline,
               priority=opts.priority, idempotency_key=opts.idempotency_key, fingerprint=fp)
-    result = await queue.submit(job)
+    result = await until_disconnect(request, queue.submit(job))
     scope_state["queue_ms"] = result.queue_ms
     scope_state["compute_ms"] = result.compute_ms
     return result
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (the queue drops the job, or a worker
+    leaves it at the next step) and raise ClientDisconnect (no answer; counted as 499)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task  # the queue forgets the job
+    raise ClientDisconnect()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def tensor_response(t: torch.Tensor, accept: str | None, extra: dict[str, Any], name: str = "tokens") -> Response:

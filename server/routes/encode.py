@@ -8,7 +8,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from server.codecs import IMAGE_MEDIA_TYPES, NPY, SAFETENSORS, decode_base64, images_to_tensor
+from server.admission import decode_images
+from server.codecs import IMAGE_MEDIA_TYPES, NPY, SAFETENSORS, decode_base64
 from server.deps import OptionsDep, StateDep
 from server.errors import BadRequest, InvalidValue, UnsupportedMediaType
 from server.queue.base import EncodePayload
@@ -39,17 +40,29 @@ RESPONSES = {**ERROR_RESPONSES, 200: {"model": EncodeResponse, "description": "t
     NPY: BINARY, SAFETENSORS: BINARY}}}
 
 
+ENCODE_FORM_FIELDS = ("image", "model", "preprocess")
+
+
 async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], dict[str, str]]:
     """The image files of the request, and parameters given in the body (form or JSON fields)."""
     ctype = content_type(request)
     if ctype == "multipart/form-data":
         form = await request.form(max_files=max_images + 1, max_fields=16)
+        unknown = sorted(set(form.keys()) - set(ENCODE_FORM_FIELDS))
+        if unknown:
+            raise InvalidValue(f"unknown form fields {unknown[:5]}: send {list(ENCODE_FORM_FIELDS)}")
         blobs = []
         for item in form.getlist("image"):
             if not isinstance(item, UploadFile):
                 raise BadRequest("multipart field 'image' must be a file upload")
             blobs.append(await item.read())
-        params = {k: v for k in ("model", "preprocess") if isinstance(v := form.get(k), str)}
+        params = {}
+        for k in ("model", "preprocess"):
+            values = form.getlist(k)
+            if len(values) > 1 or any(not isinstance(v, str) for v in values):
+                raise InvalidValue(f"form field {k!r} must be given once, as text")
+            if values:
+                params[k] = values[0]
         return blobs, params
     if ctype in IMAGE_MEDIA_TYPES.values():
         return [await request.body()], {}
@@ -58,6 +71,8 @@ async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], 
         if (body.image is None) == (body.images is None):
             raise InvalidValue('give exactly one of "image" (base64) or "images" (list of base64)')
         texts = [body.image] if body.image is not None else list(body.images or [])
+        if len(texts) > max_images:
+            raise InvalidValue(f"{len(texts)} images; at most {max_images} per request")
         blobs = [decode_base64(t, f"images[{i}]") for i, t in enumerate(texts)]
         params = {k: v for k, v in (("model", body.model), ("preprocess", body.preprocess)) if v is not None}
         return blobs, params
@@ -72,7 +87,8 @@ async def encode(request: Request, state: StateDep, opts: OptionsDep,
                  preprocess: Annotated[PreprocessMode | None, Query(description="center-crop or resize")] = None,
                  ) -> Response:
     """Tokenize images given as a multipart upload (field ``image``, repeatable), a raw image body, or JSON
-    with base64. ``Accept: application/x-npy`` or ``application/vnd.safetensors`` returns binary tokens."""
+    with base64. ``Accept: application/x-npy`` or ``application/vnd.safetensors`` returns binary tokens.
+    Admission (queue capacity, pixel limits read from the image headers) comes before any decoding."""
     state.check_ready()
     s = state.settings
     blobs, body_params = await _read_images(request, s.max_images_per_request)
@@ -85,10 +101,11 @@ async def encode(request: Request, state: StateDep, opts: OptionsDep,
     if len(blobs) > s.max_images_per_request:
         raise InvalidValue(f"{len(blobs)} images; at most {s.max_images_per_request} per request")
     spec = state.models.tokenizer(model)
-    images = await state.codec(images_to_tensor, blobs, spec.image_size, mode, s.max_image_pixels)
+    images = await decode_images(state, spec.name, spec.image_size, blobs, mode)
     result = await run_job(request, state, opts, spec.name, EncodePayload(images), (mode, *blobs))
-    return await state.codec(tensor_response, result.tensors["tokens"], request.headers.get("accept"),
-                             {"model": spec.name})
+    tokens = result.tensors["tokens"]
+    return await state.codec(tensor_response, tokens, request.headers.get("accept"), {"model": spec.name},
+                             cost=4 * tokens.numel())
 
 
 router.add_api_route("/encode", encode, methods=["POST"], include_in_schema=False)

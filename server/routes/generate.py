@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from server.codecs import IMAGE_MEDIA_TYPES, b64, encode_images, tensor_to_json
 from server.deps import OptionsDep, StateDep
-from server.errors import BadRequest, UnsupportedMediaType
+from server.errors import BadRequest, InvalidValue, UnsupportedMediaType
 from server.queue.base import GeneratePayload
 from server.routes.common import BINARY, content_type, negotiate, read_json, request_body, run_job, schema_ref
 from server.schemas import ERROR_RESPONSES, GeneratedImage, GenerateParams, GenerateResponse
@@ -25,6 +25,7 @@ OPENAPI = {
         {"name": n, "in": "query", "required": False, "schema": sch, "description": d}
         for n, sch, d in (
             ("class", {"type": "integer"}, "ImageNet-1k class id (alias class_id)"),
+            ("class_id", {"type": "integer"}, "alias of class"),
             ("num_images", {"type": "integer", "minimum": 1}, "images; image i uses seed + i"),
             ("cfg_scale", {"type": "number"}, "guidance scale"),
             ("guidance_low", {"type": "number"}, "guidance interval start"),
@@ -47,7 +48,12 @@ _FORMAT_OF = {v: k for k, v in IMAGE_MEDIA_TYPES.items()}
 
 
 async def _params(request: Request) -> dict[str, Any]:
-    params: dict[str, Any] = dict(request.query_params)
+    params: dict[str, Any] = {}
+    for k in request.query_params:
+        values = request.query_params.getlist(k)
+        if len(values) > 1:
+            raise InvalidValue(f"query parameter {k[:40]!r} is given {len(values)} times")
+        params[k] = values[0]
     body = await request.body()
     if body.strip():
         if content_type(request) != "application/json":
@@ -92,8 +98,9 @@ async def generate(request: Request, state: StateDep, opts: OptionsDep) -> Respo
     wanted = negotiate(request.headers.get("accept"), _OFFERED)
     as_image = wanted in _FORMAT_OF and v.num_images == 1
     fmt = _FORMAT_OF[wanted] if as_image and wanted else (p.format or _FORMAT_OF.get(wanted or "", "png"))
-    return await state.codec(_render, v, result.tensors["images"], result.tensors.get("latents"), fmt, as_image,
-                             state.settings)
+    images = result.tensors["images"]
+    return await state.codec(_render, v, images, result.tensors.get("latents"), fmt, as_image, state.settings,
+                             cost=images.numel())
 
 
 router.add_api_route("/generate", generate, methods=["POST"], include_in_schema=False)

@@ -8,16 +8,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import jobs
 from server.deps import OptionsDep, StateDep
-from server.errors import BadRequest, NotFound, NotReady, TokservError
+from server.errors import BadRequest, InvalidValue, NotFound, NotReady, TokservError
 from server.queue.base import TERMINAL, Job, JobQueue
 from server.routes.common import read_json, request_body
-from server.schemas import ERROR_RESPONSES
+from server.schemas import ERROR_RESPONSES, JobAccepted, JobResponse
 from server.state import AppState
+from server.validation import MAX_DEADLINE_MS, parse_deadline_ms, parse_priority
 
 router = APIRouter()
 KEEPALIVE_S = 15.0
@@ -30,8 +31,8 @@ _BODY = request_body({"application/json": {"schema": {
         "op": {"type": "string", "enum": ["encode", "decode", "generate"]},
         "priority": {"type": "integer", "minimum": -100, "maximum": 100, "default": 0,
                      "description": "higher runs sooner (also the x-priority header)"},
-        "deadline_ms": {"type": "number",
-                        "description": "fail the job if not done by then (also x-deadline-ms)"},
+        "deadline_ms": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DEADLINE_MS,
+                        "description": "fail the job if not done by then, in ms (also x-deadline-ms)"},
     }, "additionalProperties": True}}})
 
 
@@ -41,10 +42,9 @@ def _queue(state: AppState) -> JobQueue:
     return state.queue
 
 
-@router.post("/v1/jobs", status_code=202, openapi_extra=_BODY, responses=ERROR_RESPONSES,
-             summary="Submit a job (202 + id)")
-async def create_job(request: Request, state: StateDep, opts: OptionsDep,
-                     x_priority: Annotated[str | None, Header()] = None) -> JSONResponse:
+@router.post("/v1/jobs", status_code=202, openapi_extra=_BODY, summary="Submit a job (202 + id)",
+             responses={**ERROR_RESPONSES, 202: {"model": JobAccepted, "description": "accepted; Location: the job"}})
+async def create_job(request: Request, state: StateDep, opts: OptionsDep) -> JSONResponse:
     """Accept a job and answer at once with its id; follow it with ``GET /v1/jobs/{id}`` or its events.
     With an ``Idempotency-Key`` a repeated submission returns the first job (it runs once)."""
     queue = state.check_ready()
@@ -52,10 +52,10 @@ async def create_job(request: Request, state: StateDep, opts: OptionsDep,
     if not isinstance(body, dict):
         raise BadRequest("the JSON body must be an object with an \"op\" field")
     fields = {k: body.pop(k) for k in jobs.JOB_FIELDS if k in body}
-    priority = jobs.parse_priority(fields.get("priority", x_priority if x_priority is not None else 0))
+    priority = parse_priority(fields["priority"]) if "priority" in fields else opts.priority
     deadline = opts.deadline
     if "deadline_ms" in fields:
-        deadline = time.time() + jobs.parse_deadline_ms(fields["deadline_ms"])
+        deadline = time.time() + parse_deadline_ms(fields["deadline_ms"])
     key = None if opts.idempotency_key is None else f"jobs:{opts.idempotency_key}"
     p = await jobs.prepare(fields.get("op"), body, state, opts.idempotency_key)
     request.scope.setdefault("state", {})["model"] = p.model
@@ -70,8 +70,12 @@ async def create_job(request: Request, state: StateDep, opts: OptionsDep,
                          "links": links}, status_code=202, headers={"Location": links["self"]})
 
 
-@router.get("/v1/jobs/{job_id}", responses=ERROR_RESPONSES, summary="A job's status and result")
-async def get_job(job_id: str, state: StateDep) -> JSONResponse:
+JobId = Annotated[str, Path(max_length=128, description="the id POST /v1/jobs returned")]
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobResponse, responses=ERROR_RESPONSES,
+            summary="A job's status and result")
+async def get_job(job_id: JobId, state: StateDep) -> JSONResponse:
     info = await _queue(state).info(job_id)
     if info is None:
         raise NotFound(f"no job {job_id!r} (unknown, or expired after {state.settings.job_ttl_s:.0f} s)")
@@ -79,8 +83,9 @@ async def get_job(job_id: str, state: StateDep) -> JSONResponse:
     return JSONResponse(jobs.job_body(info, result))
 
 
-@router.post("/v1/jobs/{job_id}/cancel", responses=ERROR_RESPONSES, summary="Cancel a job")
-async def cancel_job(job_id: str, state: StateDep) -> JSONResponse:
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobResponse, responses=ERROR_RESPONSES,
+             summary="Cancel a job")
+async def cancel_job(job_id: JobId, state: StateDep) -> JSONResponse:
     """A queued job never runs; a running generation leaves its batch at the next step. A job that already
     ended is left as it is (its status says which)."""
     info = await _queue(state).cancel(job_id)
@@ -89,17 +94,22 @@ async def cancel_job(job_id: str, state: StateDep) -> JSONResponse:
     return JSONResponse(jobs.job_body(info))
 
 
+EventId = Annotated[str | None, Header(max_length=64, description="the last event id seen (resume after it)")]
+
+
 @router.get("/v1/jobs/{job_id}/events", responses={**ERROR_RESPONSES, 200: {
     "description": "text/event-stream: queued, started, step (step i of n), completed | failed | cancelled",
-    "content": {"text/event-stream": {}}}}, summary="A job's events (server-sent events)")
-async def job_events(job_id: str, state: StateDep,
-                     last_event_id: Annotated[str | None, Header()] = None,
-                     after: Annotated[str | None, Query(description="like Last-Event-ID")] = None,
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}, summary="A job's events (server-sent events)")
+async def job_events(job_id: JobId, state: StateDep, last_event_id: EventId = None,
+                     after: Annotated[str | None, Query(max_length=64, description="like Last-Event-ID")] = None,
                      ) -> StreamingResponse:
     """Every event of the job after ``Last-Event-ID`` (or ``after``; all when absent), then the new ones as
     they happen; the stream ends after the terminal event. Reconnect with the last id seen to resume."""
     queue = _queue(state)
     start = last_event_id or after
+    if start is not None and not queue.valid_event_id(start):
+        raise InvalidValue(f"Last-Event-ID / after {start[:64]!r} is not an event id of this server (ids are "
+                           "the `id:` lines of the stream)")
     first = await queue.events(job_id, start, 0.0)
     if first is None:
         raise NotFound(f"no job {job_id!r}")
