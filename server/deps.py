@@ -50,10 +50,10 @@ class RequestOptions:
 
     def __init__(self, request: Request, state: StateDep, x_deadline_ms: DeadlineHeader = None,
                  x_priority: PriorityHeader = None, idempotency_key: IdempotencyKey = None) -> None:
-        self.priority = parse_priority(x_priority, "x-priority") if x_priority is not None else 0
+        self.priority = parse_priority(x_priority, "x-priority", text=True) if x_priority is not None else 0
         self.request_id: str = request.scope.get("state", {}).get("request_id", "")
         budget = (state.settings.default_deadline_s if x_deadline_ms is None
-                  else parse_deadline_ms(x_deadline_ms, "x-deadline-ms"))
+                  else parse_deadline_ms(x_deadline_ms, "x-deadline-ms", text=True))
         self.deadline = time.time() + budget
         self.idempotency_key = idempotency_key
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 DecodeFormat = Literal["png", "jpeg", "webp", "npy"]
@@ -74,6 +74,14 @@ class GenerateParams(BaseModel):
     return_latents: bool = Field(False, description="also return the tokens (B, L, D), un-normalised (integer "
                                                     "codes for a discrete generator)")
     model: str | None = Field(None, description="generator name; default: the default generator")
+
+    @field_validator("class_id", "num_images", "cfg_scale", "guidance_low", "guidance_high", "steps", "seed",
+                     mode="before")
+    @classmethod
+    def _no_booleans(cls, v: object) -> object:
+        if isinstance(v, bool):  # JSON true / false are not numbers (pydantic would take them as 1 / 0)
+            raise ValueError("must be a number, not true / false")
+        return v
 
 
 class GeneratedImage(BaseModel):

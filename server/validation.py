@@ -37,10 +37,10 @@ DECODE_FIELDS = ("shape", "dtype", "data", "model", "format")
 # Every numeric header and JSON control field is checked here, finite and in range, once.
 
 
-def parse_deadline_ms(value: object, name: str = "deadline_ms") -> float:
-    """A deadline in milliseconds from now (``x-deadline-ms`` header text, or a JSON number) -> seconds.
+def parse_deadline_ms(value: object, name: str = "deadline_ms", *, text: bool = False) -> float:
+    """A deadline in milliseconds from now (``x-deadline-ms`` header ``text``, or a JSON number) -> seconds.
     Finite, > 0 and at most :data:`MAX_DEADLINE_MS`; anything else is 422."""
-    if isinstance(value, str):
+    if text and isinstance(value, str):
         if not _DEADLINE_RE.fullmatch(value):
             raise InvalidValue(f"{name} must be a decimal number of milliseconds, got {_short(value)}")
         ms = float(value)
@@ -53,10 +53,10 @@ def parse_deadline_ms(value: object, name: str = "deadline_ms") -> float:
     return ms / 1000.0
 
 
-def parse_priority(value: object, name: str = "priority") -> int:
-    """``x-priority`` header text or a JSON integer -> an int in :data:`PRIORITY_RANGE` (422 otherwise)."""
+def parse_priority(value: object, name: str = "priority", *, text: bool = False) -> int:
+    """``x-priority`` header ``text`` or a JSON integer -> an int in :data:`PRIORITY_RANGE` (422 otherwise)."""
     lo, hi = PRIORITY_RANGE
-    if isinstance(value, str):
+    if text and isinstance(value, str):
         if not _PRIORITY_RE.fullmatch(value):
             raise InvalidValue(f"{name} must be an integer in {lo}..{hi}, got {_short(value)}")
         p = int(value)
