@@ -81,7 +81,7 @@ def jpeg(w: int = 32, h: int = 32) -> bytes:
 
 
 def npy(descr: object, shape: tuple[int, ...], data: bytes, fortran: bool = False, version: int = 1) -> bytes:
-    header = "{'descr': %r, 'fortran_order': %s, 'shape': %s, }" % (descr, fortran, shape)
+    header = f"{{'descr': {descr!r}, 'fortran_order': {fortran}, 'shape': {shape}, }}"
     raw = header.encode("latin-1")
     size = 4 if version == 1 else 6
     raw += b" " * ((64 - (6 + 2 + size + len(raw) + 1) % 64) % 64) + b"\n"
@@ -319,8 +319,8 @@ def _control_fields() -> Iterator[Case]:
                           ("class", "1000"), ("class", "-1"), ("class", "1.5"), ("class", "true"),
                           ("class", '"1"x'), ("sampler", '"ddim"'), ("sampler", "[]"), ("format", '"gif"'),
                           ("return_latents", '"maybe"'), ("model", "[1]"), ("colour", "1")):
-        body = ('{"class": 1, "steps": 2, "%s": %s}' % (field_, value)).encode() if field_ != "class" else (
-            '{"steps": 2, "class": %s}' % value).encode()
+        body = (f'{{"class": 1, "steps": 2, "{field_}": {value}}}' if field_ != "class" else
+                f'{{"steps": 2, "class": {value}}}').encode()
         status = 400 if value.endswith("x") else 422
         yield Case(f"generate {field_}={value}", "POST", "/v1/generate", body, JSON, status, "")
     for query in ("cfg_scale=nan", "cfg_scale=inf", "cfg_scale=-inf", "guidance_low=nan", "steps=1e3", "class=0x1",
