@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from server.settings import Settings
 
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _JPEG_MAX_SEGMENTS = 1024
+PEEK_BYTES = 256 * 1024  # of a raw image body, read before admission (room for EXIF / ICC segments)
 
 
 def image_dims(data: bytes) -> tuple[int, int] | None:
@@ -146,16 +147,48 @@ async def decode_images(state: object, model: str, image_size: int, blobs: Seque
                         preprocess: str) -> torch.Tensor:
     """Admit an encode of ``blobs`` on ``model`` (413 / 429 before any decoding), then decode them in the
     codec pool (small requests on its light lane): (B, 3, S, S) float32 in [-1, 1]."""
+    async with admit_encode(state, model, blobs):
+        return await _decode(state, blobs, image_size, preprocess)
+
+
+@asynccontextmanager
+async def admit_encode(state: object, model: str, headers: Sequence[bytes]) -> AsyncIterator[None]:
+    """Admission of an encode on ``model`` whose images start with ``headers`` (their first bytes are
+    enough): 413 / 429 at once, else the block runs holding its place and pixels."""
     from server.state import AppState
 
     assert isinstance(state, AppState)
-    s = state.settings
     queue = state.check_ready()
     kind = job_kind("encode", model)
-    total = sum(state.admission.pixels_of(blobs))
+    total = sum(state.admission.pixels_of(headers))
     with state.admission.admit(kind, queue.depths().get(kind, 0), total):
-        return await state.codec_pool.run(3 * total, images_to_tensor, blobs, image_size, preprocess,  # type: ignore[union-attr]
-                                          s.max_image_pixels, s.max_request_pixels)
+        yield
+
+
+async def _decode(state: Any, blobs: Sequence[bytes], image_size: int, preprocess: str) -> torch.Tensor:
+    s = state.settings
+    cost = 3 * sum(state.admission.pixels_of(blobs))
+    return await state.codec_pool.run(cost, images_to_tensor, blobs, image_size, preprocess, s.max_image_pixels,
+                                      s.max_request_pixels)
+
+
+async def decode_raw_image(state: object, model: str, image_size: int, request: Any,
+                           preprocess: str) -> tuple[torch.Tensor, bytes]:
+    """A raw image body (``Content-Type: image/*``): admitted on its first :data:`PEEK_BYTES` (the header),
+    so a request that does not fit is refused before the rest of its body is even read. Returns the
+    images and the body."""
+    stream = request.stream()
+    head = b""
+    async for chunk in stream:  # usually one chunk: PNG and WebP sizes are in the first 30 bytes
+        head += chunk
+        if len(head) >= PEEK_BYTES or image_dims(head) is not None:
+            break
+    async with admit_encode(state, model, [head]):
+        parts = [head]
+        async for chunk in stream:
+            parts.append(chunk)
+        body = b"".join(parts)
+        return await _decode(state, [body], image_size, preprocess), body
 
 
 def _tokens(kind: str, raw: Any, spec: ModelSpec, max_rows: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from server.admission import decode_images
+from server.admission import decode_images, decode_raw_image
 from server.codecs import IMAGE_MEDIA_TYPES, NPY, SAFETENSORS, decode_base64
 from server.deps import OptionsDep, StateDep
 from server.errors import BadRequest, InvalidValue, UnsupportedMediaType
@@ -65,7 +65,7 @@ async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], 
                 params[k] = values[0]
         return blobs, params
     if ctype in IMAGE_MEDIA_TYPES.values():
-        return [await request.body()], {}
+        return [], {}  # read by decode_raw_image, after admission
     if ctype == "application/json":
         body: EncodeJSONRequest = parse_model(EncodeJSONRequest, await read_json(request))
         if (body.image is None) == (body.images is None):
@@ -96,12 +96,16 @@ async def encode(request: Request, state: StateDep, opts: OptionsDep,
     mode = preprocess or body_params.get("preprocess") or "center-crop"
     if mode not in ("center-crop", "resize"):
         raise InvalidValue(f"preprocess must be center-crop or resize, got {mode!r}")
-    if not blobs:
-        raise InvalidValue("no image in the request")
-    if len(blobs) > s.max_images_per_request:
-        raise InvalidValue(f"{len(blobs)} images; at most {s.max_images_per_request} per request")
     spec = state.models.tokenizer(model)
-    images = await decode_images(state, spec.name, spec.image_size, blobs, mode)
+    if content_type(request) in IMAGE_MEDIA_TYPES.values():
+        images, body = await decode_raw_image(state, spec.name, spec.image_size, request, mode)
+        blobs = [body]
+    else:
+        if not blobs:
+            raise InvalidValue("no image in the request")
+        if len(blobs) > s.max_images_per_request:
+            raise InvalidValue(f"{len(blobs)} images; at most {s.max_images_per_request} per request")
+        images = await decode_images(state, spec.name, spec.image_size, blobs, mode)
     result = await run_job(request, state, opts, spec.name, EncodePayload(images), (mode, *blobs))
     tokens = result.tensors["tokens"]
     return await state.codec(tensor_response, tokens, request.headers.get("accept"), {"model": spec.name},
