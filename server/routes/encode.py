@@ -29,10 +29,10 @@ router = APIRouter()
 
 OPENAPI = request_body({
     "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                   "description": "one or more image files (B = number of files)"},
         "model": {"type": "string"}, "preprocess": {"type": "string", "enum": ["center-crop", "resize"]},
-    }}},
+    }, "additionalProperties": False}},
     "image/png": BINARY, "image/jpeg": BINARY, "image/webp": BINARY,
     "application/json": schema_ref("EncodeJSONRequest"),
 })

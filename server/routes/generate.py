@@ -24,15 +24,15 @@ OPENAPI = {
     "parameters": [
         {"name": n, "in": "query", "required": False, "schema": sch, "description": d}
         for n, sch, d in (
-            ("class", {"type": "integer"}, "ImageNet-1k class id (alias class_id)"),
-            ("class_id", {"type": "integer"}, "alias of class"),
+            ("class", {"type": "integer", "minimum": 0}, "ImageNet-1k class id (alias class_id)"),
+            ("class_id", {"type": "integer", "minimum": 0}, "alias of class"),
             ("num_images", {"type": "integer", "minimum": 1}, "images; image i uses seed + i"),
-            ("cfg_scale", {"type": "number"}, "guidance scale"),
-            ("guidance_low", {"type": "number"}, "guidance interval start"),
-            ("guidance_high", {"type": "number"}, "guidance interval end"),
-            ("steps", {"type": "integer"}, "denoising steps"),
-            ("sampler", {"type": "string"}, "SiT: euler, heun, sde; DiT: ddpm, ddim"),
-            ("seed", {"type": "integer"}, "random when absent"),
+            ("cfg_scale", {"type": "number", "minimum": 0, "maximum": 100}, "guidance scale"),
+            ("guidance_low", {"type": "number", "minimum": 0, "maximum": 1}, "guidance interval start"),
+            ("guidance_high", {"type": "number", "minimum": 0, "maximum": 1}, "guidance interval end"),
+            ("steps", {"type": "integer", "minimum": 1}, "denoising steps"),
+            ("sampler", {"type": "string"}, "SiT: euler, heun, sde; DiT: ddpm, ddim; MAR: mar; MaskGIT: maskgit; VAR: var"),
+            ("seed", {"type": "integer", "minimum": 0, "maximum": 2**53}, "random when absent"),
             ("format", {"type": "string", "enum": ["png", "jpeg", "webp"]}, "image format"),
             ("return_latents", {"type": "boolean"}, "also return tokens"),
             ("model", {"type": "string"}, "generator name"),

@@ -94,14 +94,17 @@ async def cancel_job(job_id: JobId, state: StateDep) -> JSONResponse:
     return JSONResponse(jobs.job_body(info))
 
 
-EventId = Annotated[str | None, Header(max_length=64, description="the last event id seen (resume after it)")]
+EVENT_ID = r"^[0-9]{1,20}(-[0-9]{1,20})?$"  # in-process: 1, 2, 3 ...; Redis: <ms>-<seq>
+EventId = Annotated[str | None, Header(max_length=64, pattern=EVENT_ID,
+                                       description="the last event id seen (resume after it)")]
 
 
 @router.get("/v1/jobs/{job_id}/events", responses={**ERROR_RESPONSES, 200: {
     "description": "text/event-stream: queued, started, step (step i of n), completed | failed | cancelled",
     "content": {"text/event-stream": {"schema": {"type": "string"}}}}}, summary="A job's events (server-sent events)")
 async def job_events(job_id: JobId, state: StateDep, last_event_id: EventId = None,
-                     after: Annotated[str | None, Query(max_length=64, description="like Last-Event-ID")] = None,
+                     after: Annotated[str | None, Query(max_length=64, pattern=EVENT_ID,
+                                                        description="like Last-Event-ID")] = None,
                      ) -> StreamingResponse:
     """Every event of the job after ``Last-Event-ID`` (or ``after``; all when absent), then the new ones as
     they happen; the stream ends after the terminal event. Reconnect with the last id seen to resume."""
