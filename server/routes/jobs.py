@@ -79,7 +79,10 @@ async def get_job(job_id: JobId, state: StateDep) -> JSONResponse:
     info = await _queue(state).info(job_id)
     if info is None:
         raise NotFound(f"no job {job_id!r} (unknown, or expired after {state.settings.job_ttl_s:.0f} s)")
-    result = await state.codec(jobs.render_result, info, state.settings) if info.result is not None else None
+    result = None
+    if info.result is not None:
+        cost = sum(t.numel() for t in info.result.tensors.values())
+        result = await state.codec(jobs.render_result, info, state.settings, cost=cost)
     return JSONResponse(jobs.job_body(info, result))
 
 
