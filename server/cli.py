@@ -96,7 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.worker import run
 
     configure_logging(args.log_level)
-    return run(settings_from_args(args))
+    try:
+        settings = settings_from_args(args)
+    except Exception as e:  # a bad setting: one clear line, no traceback
+        print(f"tokserve worker: cannot start: {e}", file=sys.stderr)
+        return 2
+    return run(settings)
 
 
 if __name__ == "__main__":
