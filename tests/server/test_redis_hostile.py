@@ -34,7 +34,8 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("redis-hostile")
     redis = RedisServer(folder / "redis").start()
-    workers = Workers(redis.url, folder, env={"TOKSERVE_MAX_BATCH_SIZE": "1", "TOKSERVE_MAX_STEPS": "5000"})
+    workers = Workers(redis.url, folder, env={"TOKSERVE_MAX_BATCH_SIZE": "1", "TOKSERVE_MAX_STEPS": "5000",
+                                             "TOKSERVE_SHUTDOWN_GRACE_S": "1"})
     workers.start("w1")
     try:
         workers.wait_announced(["w1"])
