@@ -6,7 +6,8 @@ folders, and also the published releases: Hugging Face folders whose ``config.js
 ``ModelArgs`` (translated by the family's ``config_class.from_official``), and training dicts nested under
 ``model`` / ``ema`` / ``state_dict`` (EMA preferred), with ``module.`` / ``_orig_mod.`` prefixes stripped.
 Pickle files (``.pt``, ``.pth``, ``.ckpt``, ``.bin``) are refused unless ``allow_pickle=True``; even then
-they are read with ``torch.load(weights_only=True)`` first.
+they are read only by torch's weights-only loader; what it refuses loads only with ``unsafe_unpickle=True``
+(full unpickling runs code).
 
 Architecture always comes from ``config.json``, never from a file name.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import pickle
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -46,12 +48,12 @@ class PickleRefused(CheckpointError):
 
 
 def read_state_dict(path: str | os.PathLike[str], *, allow_pickle: bool = False,
-                    select: str | None = None) -> dict[str, torch.Tensor]:
+                    select: str | None = None, unsafe_unpickle: bool = False) -> dict[str, torch.Tensor]:
     """Read the raw tensors of a weights file or folder (safetensors, sharded safetensors or, with
     ``allow_pickle``, a torch pickle), unwrapped and with training prefixes stripped. ``select`` is a dotted
     path into a nested checkpoint holding several models (VAR's ``trainer.var_wo_ddp``)."""
     if select is not None:
-        obj: Any = _read_raw(Path(path), allow_pickle)
+        obj: Any = _read_raw(Path(path), allow_pickle, unsafe_unpickle)
         for part in select.split("."):
             if not isinstance(obj, Mapping) or part not in obj:
                 raise CheckpointError(f"{path}: no {select!r} in the checkpoint (stopped at {part!r})")
@@ -72,12 +74,12 @@ def read_state_dict(path: str | os.PathLike[str], *, allow_pickle: bool = False,
             return normalize_state_dict(load_file(str(st[0])))
         pk = [q for q in sorted(p.iterdir()) if q.suffix in PICKLE_SUFFIXES]
         if len(pk) == 1:
-            return read_state_dict(pk[0], allow_pickle=allow_pickle)
+            return read_state_dict(pk[0], allow_pickle=allow_pickle, unsafe_unpickle=unsafe_unpickle)
         raise CheckpointError(f"{p}: no {WEIGHTS_NAME}, {INDEX_NAME} or single weights file found")
-    return normalize_state_dict(_read_raw(p, allow_pickle))
+    return normalize_state_dict(_read_raw(p, allow_pickle, unsafe_unpickle))
 
 
-def _read_raw(p: Path, allow_pickle: bool) -> Any:
+def _read_raw(p: Path, allow_pickle: bool, unsafe_unpickle: bool = False) -> Any:
     """The object stored in one weights file: safetensors, or (opted in) a torch pickle."""
     if p.suffix == ".safetensors":
         return load_file(str(p))
@@ -88,8 +90,13 @@ def _read_raw(p: Path, allow_pickle: bool) -> Any:
         )
     try:
         return torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception:  # e.g. an argparse.Namespace in the dict: the operator opted in to full unpickling
-        return torch.load(str(p), map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as e:
+        if not unsafe_unpickle:
+            raise PickleRefused(
+                f"{p}: the safe (weights-only) loader refuses this pickle ({str(e).splitlines()[0]}); full "
+                "unpickling runs any code the file names: only with unsafe_unpickle=True "
+                "(TOKSERVE_UNSAFE_UNPICKLE_RUNS_CODE=1), for files you made yourself") from None
+        return torch.load(str(p), map_location="cpu", weights_only=False)  # e.g. an argparse.Namespace inside
 
 
 def normalize_state_dict(obj: Any) -> dict[str, torch.Tensor]:
@@ -173,6 +180,7 @@ def load_pretrained(
     path: str | os.PathLike[str],
     *,
     allow_pickle: bool = False,
+    unsafe_unpickle: bool = False,
     weights: str | os.PathLike[str] | None = None,
     select: str | None = None,
     strict: bool = True,
@@ -186,7 +194,8 @@ def load_pretrained(
         raise CheckpointError(f"{folder}: no {CONFIG_NAME}; the architecture is never guessed from a file name")
     cls, cfg = read_config(folder)
     model = cls(cfg)
-    sd = read_state_dict(weights if weights is not None else folder, allow_pickle=allow_pickle, select=select)
+    sd = read_state_dict(weights if weights is not None else folder, allow_pickle=allow_pickle, select=select,
+                         unsafe_unpickle=unsafe_unpickle)
     load_into(model, sd, strict=strict)
     return model.to(dtype).eval()
 

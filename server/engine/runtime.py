@@ -42,7 +42,8 @@ def load_module(spec: ModelSpec, settings: Settings) -> nn.Module:
             enliven(module)
     else:
         with weights_only_unpickling(not settings.unsafe_unpickle_runs_code):
-            module = models.load_pretrained(spec.source, allow_pickle=settings.allow_pickle)
+            module = models.load_pretrained(spec.source, allow_pickle=settings.allow_pickle,
+                                            unsafe_unpickle=settings.unsafe_unpickle_runs_code)
     return module.eval()
 
 

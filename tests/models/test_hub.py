@@ -106,7 +106,11 @@ def test_training_dict_pickle_needs_opt_in_and_prefers_ema(tmp_path: Path, tiny_
         assert torch.equal(v, ema[k]), k
     ckpt["args"] = argparse.Namespace(lr=1e-4)  # official training dicts pickle their argparse namespace
     torch.save(ckpt, tmp_path / "ckpt_args.pt")
-    loaded = load_pretrained(tmp_path / "tok", weights=tmp_path / "ckpt_args.pt", allow_pickle=True)
+    # the weights-only loader refuses the namespace; full unpickling is a separate, explicit opt-in
+    with pytest.raises(PickleRefused, match="unsafe_unpickle"):
+        load_pretrained(tmp_path / "tok", weights=tmp_path / "ckpt_args.pt", allow_pickle=True)
+    loaded = load_pretrained(tmp_path / "tok", weights=tmp_path / "ckpt_args.pt", allow_pickle=True,
+                             unsafe_unpickle=True)
     assert torch.equal(loaded.quant_conv.weight, ema["quant_conv.weight"])
 
 
