@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import pickle
 import os
+import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any

@@ -27,7 +27,7 @@ from timm.layers import trunc_normal_
 
 from models.latent_norm import LatentNormMixin
 from models.layers.vit import ToPixel, VisionTransformer
-from models.quantizers.soft import KINDS, SoftQuantizerOutput, build_soft_quantizer
+from models.quantizers.soft import SoftQuantizerOutput, SoftQuantizerSettings
 from models.registry import register_config, register_model_class
 
 # --------------------------------------------------------------------------------------------- config
@@ -44,7 +44,7 @@ VIT_L = OFFICIAL_VITS["vit_large_patch14_dinov2"]
 
 
 @dataclass(frozen=True)
-class SoftVQConfig:
+class SoftVQConfig(SoftQuantizerSettings):
     """Architecture and latent statistics of a SoftVQ-VAE (all fields JSON-serialisable).
 
     ``quantizer`` is one of ``soft`` (published), ``gmm``, ``product`` (``num_groups`` channel groups) or
@@ -69,14 +69,6 @@ class SoftVQConfig:
     layer_scale_init: float = 1e-5
     drop_path: float = 0.0
     codebook_size: int = 8192
-    num_codebooks: int = 4
-    tau: float = 0.07
-    codebook_l2_norm: bool = True
-    quantizer: str = "soft"
-    num_groups: int = 1
-    num_levels: int = 1
-    entropy_weight: float = 1.0
-    entropy_tau: float | None = None
     vq_mean: float = 0.0
     vq_std: float = 1.0
     trained_on: str = ""
@@ -86,14 +78,9 @@ class SoftVQConfig:
         problems = []
         if self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} not a multiple of patch_size {self.patch_size}")
-        if self.num_tokens % self.num_codebooks:
-            problems.append(f"num_tokens {self.num_tokens} not divisible by num_codebooks {self.num_codebooks}")
+        problems += self.quantizer_problems(self.num_tokens, self.token_dim)
         if self.enc_width % self.enc_heads or self.dec_width % self.dec_heads:
             problems.append("widths must be divisible by their head counts")
-        if self.quantizer not in KINDS:
-            problems.append(f"quantizer {self.quantizer!r} not in {KINDS}")
-        if self.quantizer == "product" and self.token_dim % self.num_groups:
-            problems.append(f"token_dim {self.token_dim} not divisible by num_groups {self.num_groups}")
         if self.vq_std <= 0:
             problems.append(f"vq_std must be > 0, got {self.vq_std}")
         if problems:
@@ -252,18 +239,7 @@ class SoftVQModel(LatentNormMixin, nn.Module):
         self.config = config
         self.encoder = SoftVQEncoder(config)
         self.quant_conv = nn.Linear(config.enc_width, config.token_dim)
-        self.quantize = build_soft_quantizer(
-            config.quantizer,
-            codebook_size=config.codebook_size,
-            dim=config.token_dim,
-            num_codebooks=config.num_codebooks,
-            tau=config.tau,
-            l2_norm=config.codebook_l2_norm,
-            entropy_weight=config.entropy_weight,
-            entropy_tau=config.entropy_tau,
-            num_groups=config.num_groups,
-            num_levels=config.num_levels,
-        )
+        self.quantize = config.build_quantizer(config.token_dim)
         self.post_quant_conv = nn.Linear(config.token_dim, config.dec_width)
         self.decoder = SoftVQDecoder(config)
 

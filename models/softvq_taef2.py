@@ -31,14 +31,14 @@ from timm.layers import trunc_normal_
 
 from models.latent_norm import LatentNormMixin
 from models.layers.vit import LN_EPS, Block
-from models.quantizers.soft import KINDS, SoftQuantizerOutput, build_soft_quantizer
+from models.quantizers.soft import SoftQuantizerOutput, SoftQuantizerSettings
 from models.registry import register_config, register_model_class
 from models.softvq import SoftVQEncoding, SoftVQOutput
 from models.taef2 import TAEF2, TAEF2Config
 
 
 @dataclass(frozen=True)
-class SoftVQTAEF2Config:
+class SoftVQTAEF2Config(SoftQuantizerSettings):
     """A SoftVQ tokenizer on the frozen TAEF2 latent grid (all fields JSON-serialisable).
 
     ``latent_shift`` / ``latent_scale`` map TAEF2's raw latent to the transformer's input,
@@ -57,15 +57,6 @@ class SoftVQTAEF2Config:
     heads: int = 4
     mlp_ratio: float = 4.0
     layer_scale_init: float = 0.1
-    codebook_size: int = 1024
-    num_codebooks: int = 4
-    tau: float = 0.07
-    codebook_l2_norm: bool = True
-    quantizer: str = "soft"
-    num_groups: int = 1
-    num_levels: int = 1
-    entropy_weight: float = 1.0
-    entropy_tau: float | None = None
     latent_shift: float = 0.0
     latent_scale: float = 1.0
     vq_mean: float = 0.0
@@ -78,12 +69,9 @@ class SoftVQTAEF2Config:
         problems = []
         if self.image_size % self.downsample:
             problems.append(f"image_size {self.image_size} not a multiple of downsample {self.downsample}")
-        if self.num_tokens % self.num_codebooks:
-            problems.append(f"num_tokens {self.num_tokens} not divisible by num_codebooks {self.num_codebooks}")
+        problems += self.quantizer_problems(self.num_tokens, self.token_dim)
         if self.width % self.heads:
             problems.append(f"width {self.width} not divisible by heads {self.heads}")
-        if self.quantizer not in KINDS:
-            problems.append(f"quantizer {self.quantizer!r} not in {KINDS}")
         if self.vq_std <= 0 or self.latent_scale <= 0:
             problems.append("vq_std and latent_scale must be > 0")
         if problems:
@@ -188,12 +176,7 @@ class SoftVQTAEF2(LatentNormMixin, nn.Module):
         self.vae.requires_grad_(False)
         self.encoder = LatentGridEncoder(config)
         self.quant_conv = nn.Linear(config.width, config.token_dim)
-        self.quantize = build_soft_quantizer(
-            config.quantizer, codebook_size=config.codebook_size, dim=config.token_dim,
-            num_codebooks=config.num_codebooks, tau=config.tau, l2_norm=config.codebook_l2_norm,
-            entropy_weight=config.entropy_weight, entropy_tau=config.entropy_tau,
-            num_groups=config.num_groups, num_levels=config.num_levels,
-        )
+        self.quantize = config.build_quantizer(config.token_dim)
         self.post_quant_conv = nn.Linear(config.token_dim, config.width)
         self.decoder = LatentGridDecoder(config)
 

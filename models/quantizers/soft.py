@@ -309,6 +309,38 @@ class ResidualSoftQuantizer(Quantizer):
         return total
 
 
+@dataclass(frozen=True)
+class SoftQuantizerSettings:
+    """The soft-quantizer fields that every SoftVQ-style tokenizer config carries (a base of those configs);
+    :meth:`build_quantizer` makes the quantizer, :meth:`quantizer_problems` checks the fields."""
+
+    codebook_size: int = 1024
+    num_codebooks: int = 4
+    tau: float = 0.07
+    codebook_l2_norm: bool = True
+    quantizer: str = "soft"
+    num_groups: int = 1
+    num_levels: int = 1
+    entropy_weight: float = 1.0
+    entropy_tau: float | None = None
+
+    def quantizer_problems(self, num_tokens: int, token_dim: int) -> list[str]:
+        problems = []
+        if num_tokens % self.num_codebooks:
+            problems.append(f"num_tokens {num_tokens} not divisible by num_codebooks {self.num_codebooks}")
+        if self.quantizer not in KINDS:
+            problems.append(f"quantizer {self.quantizer!r} not in {KINDS}")
+        if self.quantizer == "product" and token_dim % self.num_groups:
+            problems.append(f"token_dim {token_dim} not divisible by num_groups {self.num_groups}")
+        return problems
+
+    def build_quantizer(self, dim: int) -> Quantizer:
+        return build_soft_quantizer(
+            self.quantizer, codebook_size=self.codebook_size, dim=dim, num_codebooks=self.num_codebooks,
+            tau=self.tau, l2_norm=self.codebook_l2_norm, entropy_weight=self.entropy_weight,
+            entropy_tau=self.entropy_tau, num_groups=self.num_groups, num_levels=self.num_levels)
+
+
 def build_soft_quantizer(
     kind: str,
     *,
