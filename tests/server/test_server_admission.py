@@ -119,9 +119,16 @@ def test_burst_of_large_pngs_is_shed_before_decoding(capacity4: RunningServer) -
           f"JPEG {jpeg_status} in {1e3 * jpeg_s:.0f} ms; burst {wall:.1f} s; RSS {before:.0f} -> {after:.0f} MB")
     assert len(served) + len(refused) == 60 and served and len(refused) >= 50
     assert all(r[3] == "1" for r in refused)
-    # Refused before any decoding: about 2 ms of work each (what one refusal costs alone), so the median is
-    # under 100 ms even with all of them at once on 2 busy cores; the tail is the queueing of 60 requests
-    # on one event loop (a decode takes ~0.5 s: 58 of them decoded first would take ~15 s).
-    assert times[len(times) // 2] < 100 and times[-1] < 500
-    assert jpeg_status == 200 and jpeg_s < 1.0
+    # Refused before any decoding. The yardstick is what decoding one of these PNGs costs on this machine now
+    # (measured here, so a loaded CI box moves both sides): had the server decoded before refusing, the 58
+    # refusals would queue behind ~58 decodes on 2 cores, so the median would take ~15 decode-times or more.
+    # Refused on the header bytes, the median is about one decode (60 requests through one event loop on a
+    # busy machine) and the tail a few: the bounds leave a wide margin on both sides.
+    t = time.perf_counter()
+    Image.open(io.BytesIO(big)).convert("RGB").load()
+    decode_ms = 1e3 * (time.perf_counter() - t)
+    print(f"one decode of the PNG here: {decode_ms:.0f} ms")
+    assert times[len(times) // 2] < 3 * max(decode_ms, 100), (times[len(times) // 2], decode_ms)
+    assert times[-1] < 8 * max(decode_ms, 100), (times[-1], decode_ms)
+    assert jpeg_status == 200 and 1e3 * jpeg_s < 8 * max(decode_ms, 200), (jpeg_s, decode_ms)
     assert after - before < 100, f"RSS {before:.0f} MB -> {after:.0f} MB after the burst"
