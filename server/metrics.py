@@ -56,6 +56,12 @@ class Metrics:
                               ["op", "model"], registry=r)
         self.tokens = Counter("tokserve_tokens", "Latent tokens processed (produced or consumed)",
                               ["op", "model"], registry=r)
+        self.cancelled = Counter("tokserve_cancelled", "Jobs cancelled before they finished: reason "
+                                 "client_disconnect (the HTTP caller hung up) or api (POST /v1/jobs/{id}/cancel)",
+                                 ["op", "reason"], registry=r)
+        self.rows_cancelled = Counter("tokserve_generation_rows_cancelled",
+                                      "Generation rows a worker dropped from its batch because their job was "
+                                      "cancelled or its caller gave up", ["model"], registry=r)
         self.generation_rows = Gauge("tokserve_generation_rows", "Rows in the running generation batch",
                                      ["model"], registry=r)
         self.generation_waiting = Gauge("tokserve_generation_waiting_rows",

@@ -163,7 +163,9 @@ class GenerateLoop:
         jobs = s.jobs
         live = await _drop_dead(self.queue, jobs)
         live_ids = {j.id for j in live}
-        if s.drop(j.id for j in jobs if j.id not in live_ids):  # their rows are free from the next step
+        dropped = s.drop(j.id for j in jobs if j.id not in live_ids)
+        if dropped:  # their rows are free from the next step
+            self.metrics.rows_cancelled.labels(self.model).inc(sum(j.rows for j in dropped))
             self.metrics.generation_rows.labels(self.model).set(s.running_rows)
             self.metrics.generation_waiting.labels(self.model).set(s.waiting_rows)
 

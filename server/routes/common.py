@@ -91,15 +91,16 @@ async def run_job(request: Request, state: AppState, opts: RequestOptions, model
     fp = fingerprint(payload.op, model, *fingerprint_parts) if opts.idempotency_key else None
     job = Job(model=model, payload=payload, request_id=opts.request_id, deadline=opts.deadline,
               priority=opts.priority, idempotency_key=opts.idempotency_key, fingerprint=fp)
-    result = await until_disconnect(request, queue.submit(job))
+    result = await until_disconnect(request, queue.submit(job), op=payload.op)
     scope_state["queue_ms"] = result.queue_ms
     scope_state["compute_ms"] = result.compute_ms
     return result
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+async def until_disconnect(request: Request, work: Awaitable[T], op: str = "other") -> T:
     """Await ``work``; if the client disconnects first, cancel it (the queue drops the job, or a worker
-    leaves it at the next step) and raise ClientDisconnect (no answer; counted as 499)."""
+    leaves it at the next step), count it in ``tokserve_cancelled_total{op, reason="client_disconnect"}`` and
+    raise ClientDisconnect (no answer; counted as 499)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
@@ -114,6 +115,9 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task  # the queue forgets the job
+    state = getattr(request.app.state, "tokserve", None)
+    if state is not None:
+        state.metrics.cancelled.labels(op, "client_disconnect").inc()
     raise ClientDisconnect()
 
 

@@ -91,9 +91,13 @@ async def get_job(job_id: JobId, state: StateDep) -> JSONResponse:
 async def cancel_job(job_id: JobId, state: StateDep) -> JSONResponse:
     """A queued job never runs; a running generation leaves its batch at the next step. A job that already
     ended is left as it is (its status says which)."""
-    info = await _queue(state).cancel(job_id)
+    queue = _queue(state)
+    before = await queue.info(job_id)
+    info = await queue.cancel(job_id)
     if info is None:
         raise NotFound(f"no job {job_id!r}")
+    if before is not None and before.status not in TERMINAL and info.status == "cancelled":
+        state.metrics.cancelled.labels(info.op, "api").inc()
     return JSONResponse(jobs.job_body(info))
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from jobs_testkit import get, read_events, submit, wait_done, wait_step
+from jobs_testkit import check_hang_up_cancels, get, metric, read_events, submit, wait_done, wait_step
 from PIL import Image
 from server_testkit import ThreadServer, real_jpegs
 
@@ -110,6 +110,7 @@ def test_cancel_stops_consuming_steps_and_frees_rows(narrow: ThreadServer) -> No
     assert "tokserve_generation_rows{model=\"sit-tiny-64x32\"} 0.0" in httpx.get(f"{url}/metrics").text
     again = httpx.post(f"{url}/v1/jobs/{long['id']}/cancel", timeout=30).json()
     assert again["status"] == "cancelled"
+    assert metric(url, "tokserve_cancelled_total", op="generate", reason="api") == 1  # not the repeat
     events = read_events(url, long["id"])
     assert events[-1]["event"] == "cancelled" and events[-1]["data"]["step"] == at_cancel
 
@@ -171,3 +172,11 @@ def test_validation_and_unknown_jobs(srv: ThreadServer) -> None:
         r = httpx.request(method, f"{url}{path}", timeout=30)
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
     assert "/v1/jobs/{job_id}/events" in httpx.get(f"{url}/openapi.json").json()["paths"]
+
+
+def test_client_hang_up_cancels_its_rows_within_a_step_and_is_counted(narrow: ThreadServer) -> None:
+    print("\n" + check_hang_up_cancels(narrow.url, max_extra_steps=1))
+    loop = next(lp for lp in narrow.state.engine.loops if lp.kind.startswith("generate"))
+    assert loop.scheduler.running_rows == 0 and len(loop.scheduler) == 0
+    r = httpx.post(f"{narrow.url}/v1/generate", json={"class": 1, "steps": 2}, timeout=60)  # the row is free
+    assert r.status_code == 200

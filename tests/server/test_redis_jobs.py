@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
-from jobs_testkit import get, read_events, submit, wait_done, wait_step
+from jobs_testkit import check_hang_up_cancels, get, read_events, submit, wait_done, wait_step
 from redis_testkit import PREFIX, RedisServer, Worker, Workers, stream
 from server_testkit import ThreadServer, free_port
 
@@ -143,3 +143,9 @@ def test_priority_bands_order_waiting_jobs(stack: Stack) -> None:
     started = {p: wait_done(url, i)["started_at"] for p, i in ids.items()}
     assert sorted(started, key=started.__getitem__) == [5, 0, -5]
     assert stack.redis.client().exists(f"{PREFIX}:q:{GEN}:p2", f"{PREFIX}:q:{GEN}:p0") == 2
+
+
+def test_client_hang_up_cancels_its_row_on_the_worker_and_is_counted(stack: Stack) -> None:
+    # the worker reads the cancel from Redis between steps: the step in flight and the one before it read it
+    print("\n" + check_hang_up_cancels(stack.url, worker_url=stack.metrics_url, max_extra_steps=3))
+    assert not stack.redis.client().xpending(stream(GEN), "workers")["pending"]  # nothing held
