@@ -21,6 +21,9 @@ returns float32 on the runtime's device, so results do not depend on the runtime
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -40,6 +43,7 @@ from export.parts import PartSpec, build_part, model_facts
 RUNTIME_KINDS = ("torch", "torch-compile", "torchscript", "onnx")
 FORMAT_OF_KIND = {"torchscript": "torchscript", "onnx": "onnx"}
 RUNTIME_ENV = "TOKSERVE_RUNTIME"
+log = logging.getLogger("tokserve.export")
 
 Source = nn.Module | str | os.PathLike[str]
 
@@ -186,10 +190,42 @@ def resolve_model(source: Source) -> nn.Module:
     raise FileNotFoundError(f"{source}: not a checkpoint folder, an export folder or a registered name")
 
 
+def export_cache_key(model: nn.Module, fmt: str, parts: tuple[str, ...], **export_kw: Any) -> str:
+    """The content address of an export of ``parts`` of ``model`` in ``fmt``: a sha256 of the model's weights
+    (every state-dict tensor's name, dtype, shape and bytes), its class and config, the export options, the
+    torch / onnx / onnxruntime versions and the export format version. Same key, same export."""
+    from export.exporter import _config_dict, _versions
+    from export.metadata import FORMAT_VERSION
+
+    h = hashlib.sha256()
+    head = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "config": _config_dict(model),
+            "format": fmt, "parts": sorted(parts), "options": {k: repr(v) for k, v in sorted(export_kw.items())},
+            "versions": _versions(), "format_version": FORMAT_VERSION}
+    h.update(json.dumps(head, sort_keys=True, default=repr).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"\x00{name}:{t.dtype}:{tuple(t.shape)}\x00".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _cached_export(folder: Path, fmt: str, parts: tuple[str, ...]) -> bool:
+    """Whether ``folder`` is a complete export holding ``parts`` in ``fmt`` (its files present)."""
+    if not is_export_dir(folder):
+        return False
+    try:
+        files = read_metadata(folder).files
+    except (ValueError, KeyError, OSError, json.JSONDecodeError):
+        return False
+    return all(fmt in files.get(p, {}) and (folder / files[p][fmt]).exists() for p in parts)
+
+
 def ensure_export(source: Source, fmt: str, parts: tuple[str, ...], cache_dir: str | os.PathLike[str] | None,
                   **export_kw: Any) -> Path:
     """An export folder holding ``parts`` in ``fmt`` for ``source``: the source itself if it is one that has
-    them, else a fresh export (parity-checked) into ``cache_dir`` or a temporary folder."""
+    them; else, with ``cache_dir``, the content-addressed export ``cache_dir/<key>`` (see
+    :func:`export_cache_key`): reused when a previous run wrote it, else exported (parity-checked) there;
+    without ``cache_dir``, a fresh export into a temporary folder."""
     if not isinstance(source, nn.Module) and is_export_dir(source):
         meta = read_metadata(source)
         missing = [p for p in parts if fmt not in meta.files.get(p, {})]
@@ -199,9 +235,28 @@ def ensure_export(source: Source, fmt: str, parts: tuple[str, ...], cache_dir: s
     from export.exporter import export_model
 
     model = resolve_model(source)
-    out = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="tokserve-export-"))
-    export_model(model, out, source=str(source) if not isinstance(source, nn.Module) else type(source).__name__,
-                 formats=(fmt,), parts=parts, **export_kw)
+    name = str(source) if not isinstance(source, nn.Module) else type(source).__name__
+    if cache_dir is None:
+        out = Path(tempfile.mkdtemp(prefix="tokserve-export-"))
+        log.info("exporting %s (%s: %s) to %s", name, fmt, ", ".join(parts), out)
+        export_model(model, out, source=name, formats=(fmt,), parts=parts, **export_kw)
+        return out
+    out = Path(cache_dir) / export_cache_key(model, fmt, parts, **export_kw)[:24]
+    if _cached_export(out, fmt, parts):
+        log.info("reusing export %s (%s: %s; same weights, config, options and versions)", out, fmt,
+                 ", ".join(parts))
+        return out
+    log.info("exporting %s (%s: %s) to %s", name, fmt, ", ".join(parts), out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # complete, or not there at all
+    try:
+        export_model(model, tmp, source=name, formats=(fmt,), parts=parts, **export_kw)
+        if out.exists():  # an incomplete folder (older layout, interrupted copy): replace it
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

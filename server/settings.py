@@ -61,7 +61,10 @@ class Settings(BaseSettings):
         "provider with onnxruntime-gpu, else CPU); per model: `torch,default-tokenizer=onnx`.",
     )
     export_dir: str | None = Field(
-        None, description="Where `torchscript` / `onnx` runtimes write their exports (default: a temp folder)."
+        None, description="Where `torchscript` / `onnx` runtimes keep their exports, content-addressed "
+        "(`<dir>/<model>-<runtime>/<hash of weights, config, options, torch/onnx/onnxruntime versions>`): a "
+        "restart with unchanged weights reuses the export instead of exporting again (default: a temp folder, "
+        "exported on every start)."
     )
 
     # ---- batching and queue

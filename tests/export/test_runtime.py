@@ -53,7 +53,7 @@ def test_runtimes_agree_on_every_part(tmp_path, standin_tokenizer, standin_gener
             for kind in ("torchscript", "onnx"):
                 r = compare(part, kind, "random", outs[kind], outs["torch"])
                 assert r.passed, r.line()
-            assert is_export_dir(tmp_path / f"{part}-onnx")
+            assert any(is_export_dir(p) for p in (tmp_path / f"{part}-onnx").iterdir())  # its content address
 
 
 def test_runtime_casts_inputs_and_checks_arity(tmp_path, standin_generator) -> None:
