@@ -344,6 +344,12 @@ def _contract() -> Iterator[Case]:
     yield Case("unknown query parameter (encode)", "POST", "/v1/encode?colour=red", png(8, 8),
                {"content-type": "image/png"}, 422, "colour")
     yield Case("unknown query parameter (decode)", "POST", "/v1/decode?colour=red", tokens, JSON, 422, "colour")
+    # a misspelt model must not silently get the default model (issue 21: ?modle= served the default)
+    yield Case("misspelt model (encode ?modle=)", "POST", "/v1/encode?modle=x", png(8, 8),
+               {"content-type": "image/png"}, 422, "modle")
+    yield Case("misspelt model (decode ?modle=)", "POST", "/v1/decode?modle=x", tokens, JSON, 422, "modle")
+    yield Case("misspelt model (generate ?modle=)", "POST", "/v1/generate?class=1&steps=2&modle=x", status=422,
+               match="modle")
     yield Case("unknown query parameter (models)", "GET", "/v1/models?colour=red", status=422, match="colour")
     yield Case("unknown query parameter (jobs)", "POST", "/v1/jobs?colour=red", b'{"op": "generate", "class": 1}',
                JSON, 422, "colour")
