@@ -51,6 +51,7 @@ class GeneratorConfig:
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False
     tokenizer: str = ""
+    tokenizer_sha256: str = ""  # sha256 of the weights of the tokenizer it was trained on ("" unknown); the server pairs by it
     trained_classes: tuple[int, ...] = ()
     # sampling defaults
     sampler: str = "sde"

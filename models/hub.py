@@ -15,6 +15,7 @@ Architecture always comes from ``config.json``, never from a file name.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import pickle
@@ -252,3 +253,35 @@ __all__ = [
     "read_state_dict",
     "save_pretrained",
 ]
+
+
+GENERIC_FOLDER_NAMES = ("tokenizer", "generator", "model", "export")
+
+
+def served_name(folder: str | os.PathLike[str]) -> str:
+    """The name a model folder is served under by default (``TOKSERVE_MODELS`` entry without ``name=``): its
+    base name, or ``<parent>-<base>`` for the generic ``tokenizer`` / ``generator`` / ``model`` / ``export``
+    folders and for every folder of a ``default`` parent (``weights/default/tokenizer`` is
+    ``default-tokenizer``, ``runs/x/export`` is ``x-export``)."""
+    p = Path(folder).resolve()
+    if p.parent.name and (p.name in GENERIC_FOLDER_NAMES or p.parent.name == "default"):
+        return f"{p.parent.name}-{p.name}"
+    return p.name
+
+
+def weights_sha256(folder: str | os.PathLike[str]) -> str:
+    """sha256 of a model folder's weight files (``*.safetensors``, else pickles), names and contents: the
+    identity of those weights, whatever the folder is called or wherever it lies. "" when there are none."""
+    p = Path(folder)
+    if not p.is_dir():
+        return ""
+    files = sorted(p.glob("*.safetensors")) or sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if not files:
+        return ""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\x00".encode())
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()

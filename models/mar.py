@@ -64,6 +64,7 @@ class MARConfig(IterativeConfigMixin):
     attn_dropout: float = 0.1
     proj_dropout: float = 0.1
     tokenizer: str = "kl16"
+    tokenizer_sha256: str = ""  # sha256 of the weights of the tokenizer it was trained on ("" unknown); the server pairs by it
     trained_classes: tuple[int, ...] = ()
     # training constants of the head's diffusion and of the masking (FORMATS-MAR-XQV 1.1)
     num_train_timesteps: int = 1000

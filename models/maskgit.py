@@ -52,6 +52,7 @@ class MaskGITConfig(IterativeConfigMixin):
     class_dropout_prob: float = 0.1
     dropout: float = 0.0
     tokenizer: str = "coda-taef2-64"
+    tokenizer_sha256: str = ""  # sha256 of the weights of the tokenizer it was trained on ("" unknown); the server pairs by it
     trained_classes: tuple[int, ...] = ()
     label_smoothing: float = 0.1
     num_iter: int = 8

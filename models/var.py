@@ -66,6 +66,7 @@ class VARConfig:
     cond_drop: float = 0.1
     drop_path_rate: float = 0.0
     tokenizer: str = ""
+    tokenizer_sha256: str = ""  # sha256 of the weights of the tokenizer it was trained on ("" unknown); the server pairs by it
     trained_classes: tuple[int, ...] = ()
     cfg_scale: float = 1.5
     top_k: int = 0

@@ -82,6 +82,13 @@ def run(settings: Settings) -> int:
     if not settings.redis_url:
         print(NO_REDIS, file=sys.stderr)
         return 2
+    from server.engine.specs import resolve_models
+
+    try:
+        resolve_models(settings.models, settings.default_tokenizer, settings.default_generator)
+    except Exception as e:  # a bad model list: one clear line, no traceback
+        print(f"tokserve worker: cannot start: {e}", file=sys.stderr)
+        return 2
     asyncio.run(run_worker(settings))
     return 0
 

@@ -32,7 +32,13 @@ def _train_config(args: argparse.Namespace, kind: str) -> C.TrainConfig:
         shortcuts.append(f"run.max_minutes={args.max_minutes}")
     if getattr(args, "tokenizer", None):
         shortcuts.append(f"tokenizer={args.tokenizer}")
-    return C.apply_overrides(cfg, shortcuts + list(args.overrides))
+    overrides = shortcuts + list(args.overrides)
+    cfg = C.apply_overrides(cfg, overrides)
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    if "tokenizer" in keys and "tokenizer_ref" not in keys and hasattr(cfg, "tokenizer_ref"):
+        # another tokenizer than the named config's: its export must name that one, not the config's default
+        cfg.tokenizer_ref = C.served_tokenizer_name(cfg.tokenizer)
+    return cfg
 
 
 def _add_train(sub, name: str, default: str, help: str) -> None:
@@ -47,7 +53,8 @@ def _add_train(sub, name: str, default: str, help: str) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 run.batch_size=64")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m training`` parser (imports the modules that register configs and evaluation commands)."""
     ap = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -86,7 +93,22 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     evaluate.add_commands(sub)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _announce(argv: list[str]) -> None:
+    """One line at once (before torch and the data load) saying what this command is about to do."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or any(a in ("-h", "--help") for a in argv) or words[0] == "configs":
+        return
+    print(f"python -m training {words[0]}: starting (loading torch, the models and the data; progress follows)",
+          file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _announce(argv)
+    args = build_parser().parse_args(argv)
 
     if args.command == "configs":
         for name, fn in sorted(C.NAMED.items()):
@@ -145,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(train_var(_train_config(args, "var")))
         return 0
+    from training import evaluate
+
     return evaluate.run_command(args)
 
 

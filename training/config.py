@@ -14,6 +14,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -316,6 +317,14 @@ def _parse(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text  # a bare string
+
+
+def served_tokenizer_name(tokenizer: str) -> str:
+    """The name the server gives the tokenizer folder ``tokenizer`` by default (``runs/x/export`` is
+    ``x-export``, ``weights/default/tokenizer`` ``default-tokenizer``): what a generator's export records."""
+    from models.hub import served_name
+
+    return served_name(tokenizer) if Path(tokenizer).is_dir() else tokenizer
 
 
 def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:

@@ -43,11 +43,12 @@ import torch.nn.functional as F
 
 import models
 from models.coda import CODA
+from models.hub import weights_sha256
 from models.maskgit import cosine_mask
 from models.quantizers.base import perplexity
 from models.registry import get_config
 from training import config as C
-from training.config import DataConfig, OptimConfig, RunConfig
+from training.config import DataConfig, OptimConfig, RunConfig, served_tokenizer_name
 from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
 from training.latents import weights_fingerprint
 from training.losses import reconstruction_loss
@@ -481,6 +482,7 @@ def export_coda(trainer: Trainer, cfg: CODATrainConfig, n_images: int, n_classes
 
 def build_maskgit(cfg: MaskGITTrainConfig, tokenizer: CODA, trained_classes: list[int], ref: str) -> nn.Module:
     overrides = {"trained_classes": tuple(trained_classes), "tokenizer": ref,
+                 "tokenizer_sha256": weights_sha256(cfg.tokenizer),
                  "num_tokens": tokenizer.config.num_tokens, "codebook_size": tokenizer.config.codebook_size,
                  **_tuple_fields(cfg.model_overrides)}
     if cfg.init_from:
@@ -577,7 +579,7 @@ def train_maskgit(cfg: MaskGITTrainConfig) -> Path:
         vimg = load_images(cfg.data.val, cfg.data.image_size, max_images=cfg.val_images)
         val = prepare_codes(cfg, tokenizer, vimg, cfg.data.val, out_dir / "val_codes.pt", device)
     trained = sorted(set(int(c) for c in data.labels.tolist()))
-    model = build_maskgit(cfg, tokenizer, trained, cfg.tokenizer_ref or cfg.tokenizer).to(device)
+    model = build_maskgit(cfg, tokenizer, trained, cfg.tokenizer_ref or served_tokenizer_name(cfg.tokenizer)).to(device)
     gcfg = model.config
     p_drop = gcfg.class_dropout_prob if cfg.class_dropout is None else cfg.class_dropout
     smoothing = gcfg.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing

@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 
 import models
+from models.hub import weights_sha256
 from models.sampling.diffusion import create_diffusion
 from models.sampling.mar import mar_loss
-from training.config import GeneratorTrainConfig
+from training.config import GeneratorTrainConfig, served_tokenizer_name
 from training.data import EpochSampler, ImageSet
 from training.feature_cache import open_feature_cache
 from training.latents import (
@@ -77,7 +78,8 @@ def mar_terms(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, drop: torch.T
 
 
 def build_generator(cfg: GeneratorTrainConfig, trained_classes: list[int], tokenizer_ref: str) -> nn.Module:
-    overrides = {"trained_classes": tuple(trained_classes), "tokenizer": tokenizer_ref, **cfg.model_overrides}
+    overrides = {"trained_classes": tuple(trained_classes), "tokenizer": tokenizer_ref,
+                 "tokenizer_sha256": weights_sha256(cfg.tokenizer), **cfg.model_overrides}
     if cfg.init_from:
         model = models.load_pretrained(cfg.init_from).float()
         model.config = dataclasses.replace(model.config, **overrides)
@@ -179,7 +181,7 @@ def train_generator(cfg: GeneratorTrainConfig) -> Path:
     else:
         latents = prepare_latents(cfg, tokenizer, device)
     trained = sorted(set(int(c) for c in latents.labels.tolist()))
-    model = build_generator(cfg, trained, cfg.tokenizer_ref or cfg.tokenizer).to(device)
+    model = build_generator(cfg, trained, cfg.tokenizer_ref or served_tokenizer_name(cfg.tokenizer)).to(device)
     gcfg = model.config
     z_all = tokenizer.normalize_latents(latents.images.float())  # (N, L, C) normalised, float32
     labels = latents.labels

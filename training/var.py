@@ -32,9 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
+from models.hub import weights_sha256
 from models.var import VAR, tokenizer_matches
 from training import config as C
-from training.config import DataConfig, OptimConfig, RunConfig
+from training.config import DataConfig, OptimConfig, RunConfig, served_tokenizer_name
 from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
 from training.discrete import CodeGeneratorTrainConfig, fit_and_export, held_out_loss
 from training.latents import weights_fingerprint
@@ -135,7 +136,8 @@ def cached_codes(cfg: VARTrainConfig, tokenizer: nn.Module, images: ImageSet, so
 def build_var(cfg: VARTrainConfig, tokenizer: nn.Module, trained_classes: list[int], ref: str) -> VAR:
     """The VAR to train: its shape fields follow the tokenizer; ``init_from`` continues a serving folder."""
     t = tokenizer.config
-    overrides = {"trained_classes": tuple(trained_classes), "tokenizer": ref, "scales": tuple(t.scales),
+    overrides = {"trained_classes": tuple(trained_classes), "tokenizer": ref,
+                 "tokenizer_sha256": weights_sha256(cfg.tokenizer), "scales": tuple(t.scales),
                  "num_branches": t.num_branches, "codebook_size": t.codebook_size,
                  "code_dim": t.num_branches * t.code_dim, **_tuple_fields(cfg.model_overrides)}
     if cfg.init_from:
@@ -201,7 +203,7 @@ def train_var(cfg: VARTrainConfig) -> Path:
         vimg = load_images(cfg.data.val, cfg.data.image_size, max_images=cfg.val_images)
         val = cached_codes(cfg, tokenizer, vimg, cfg.data.val, out_dir / "val_codes.pt", device)
     trained = sorted(set(int(c) for c in data.labels.tolist()))
-    model = build_var(cfg, tokenizer, trained, cfg.tokenizer_ref or cfg.tokenizer).to(device)
+    model = build_var(cfg, tokenizer, trained, cfg.tokenizer_ref or served_tokenizer_name(cfg.tokenizer)).to(device)
     g = model.config
     codes_all, labels = data.images, data.labels
 

@@ -3,10 +3,12 @@
 
 A model entry of ``TOKSERVE_MODELS`` is a registry name (random weights, deterministic seed), a folder with
 ``config.json`` + safetensors, or ``name=folder``. A folder's default name is its base name, or
-``<parent>-<base>`` for the generic ``tokenizer`` / ``generator`` folders and for every folder of a
-``default`` parent (``weights/default/tokenizer`` is ``default-tokenizer``, ``weights/default/mar``
-``default-mar``). A generator is paired with the tokenizer its config names, else with the only loaded
-tokenizer whose token shape matches.
+``<parent>-<base>`` for the generic ``tokenizer`` / ``generator`` / ``model`` / ``export`` folders and for
+every folder of a ``default`` parent (``weights/default/tokenizer`` is ``default-tokenizer``,
+``weights/default/mar`` ``default-mar``, ``runs/x/export`` ``x-export``). A generator is paired with the
+tokenizer it was trained on: the loaded tokenizer whose weights have the sha256 its config records
+(``tokenizer_sha256``, written by ``python -m training``), else the one its config names, else (with a
+warning) the only loaded tokenizer whose token shape matches.
 
 Continuous tokenizers (SoftVQ, TAEF2, KL-16) have float tokens of shape (L, D); discrete ones (CODA,
 ImageFolder / XQ-GAN, XQ-GAN CNN) have int64 codes of their own shape ((L,), (G, L), (L, Q, G)), described by
@@ -27,7 +29,6 @@ from server.errors import NotFound
 
 log = logging.getLogger("tokserve.models")
 
-GENERIC_FOLDER_NAMES = ("tokenizer", "generator", "model")
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,9 @@ def _parse_entry(entry: str) -> tuple[str | None, str]:
 
 
 def _folder_name(folder: Path) -> str:
-    folder = folder.resolve()
-    if folder.parent.name and (folder.name in GENERIC_FOLDER_NAMES or folder.parent.name == "default"):
-        return f"{folder.parent.name}-{folder.name}"
-    return folder.name
+    from models.hub import served_name
+
+    return served_name(folder)
 
 
 def _read(entry: str) -> tuple[str, str, bool, Any]:
@@ -201,19 +201,24 @@ def _spec(name: str, source: str, random_weights: bool, cfg: Any) -> ModelSpec:
 
 
 def _pair(gen: ModelSpec, tokenizers: list[ModelSpec]) -> ModelSpec:
+    tok = _by_identity(gen, tokenizers)
     named = [t for t in tokenizers if t.name == gen.tokenizer]
-    if named:
+    if tok is None and named:
         tok = named[0]
-    else:
+        if getattr(gen.config, "tokenizer_sha256", ""):
+            log.warning("generator %s was trained on tokenizer weights sha256 %s…, which no loaded tokenizer has: "
+                        "pairing it by name with %s (other weights: its images may be wrong)", gen.name,
+                        gen.config.tokenizer_sha256[:12], tok.name)
+    if tok is None:
         fits = [t for t in tokenizers if t.token_shape == gen.token_shape and t.token_dtype == gen.token_dtype]
         if len(fits) != 1:
             raise ValueError(f"generator {gen.name} needs tokenizer {gen.tokenizer!r} or exactly one loaded "
                              f"tokenizer with token shape {gen.token_shape}; loaded: "
                              f"{[(t.name, t.token_shape) for t in tokenizers]}")
         tok = fits[0]
-        if gen.tokenizer:
-            log.warning("generator %s names tokenizer %r, which is not loaded: pairing it with %s (same token "
-                        "shape %s)", gen.name, gen.tokenizer, tok.name, tok.token_shape)
+        log.warning("generator %s names tokenizer %r, which is not loaded: pairing it with %s by token shape "
+                    "%s only (if that is not the tokenizer it was trained on, its images are wrong)", gen.name,
+                    gen.tokenizer, tok.name, tok.token_shape)
     if tok.token_shape != gen.token_shape or tok.token_dtype != gen.token_dtype:
         raise ValueError(f"generator {gen.name} makes {gen.token_shape} {gen.token_dtype} tokens but {tok.name} "
                          f"decodes {tok.token_shape} {tok.token_dtype}")
@@ -223,15 +228,37 @@ def _pair(gen: ModelSpec, tokenizers: list[ModelSpec]) -> ModelSpec:
     return dataclasses.replace(gen, tokenizer=tok.name, image_size=tok.image_size)
 
 
+def _by_identity(gen: ModelSpec, tokenizers: list[ModelSpec]) -> ModelSpec | None:
+    """The loaded tokenizer whose weights are those ``gen`` was trained on (its config's
+    ``tokenizer_sha256``), preferring the one it names; None when it records none or none matches."""
+    want = getattr(gen.config, "tokenizer_sha256", "")
+    if not want:
+        return None
+    from models.hub import weights_sha256
+
+    same = [t for t in tokenizers if not t.random_weights and weights_sha256(t.source) == want]
+    if not same:
+        return None
+    tok = next((t for t in same if t.name == gen.tokenizer), same[0])
+    if tok.name != gen.tokenizer:
+        log.info("generator %s: paired with %s, which holds the tokenizer weights it was trained on (its config "
+                 "calls that tokenizer %r)", gen.name, tok.name, gen.tokenizer)
+    return tok
+
+
 def resolve_models(entries: list[str], default_tokenizer: str | None = None,
                    default_generator: str | None = None) -> ModelSet:
     """Read the configurations of ``entries`` (no weights) and pair generators with tokenizers."""
     specs: dict[str, ModelSpec] = {}
+    entry_of: dict[str, str] = {}
     for entry in entries:
         spec = _spec(*_read(entry))
         if spec.name in specs:
-            raise ValueError(f"two models named {spec.name!r}; name them with name=folder")
+            raise ValueError(f"two models are named {spec.name!r} ({entry_of[spec.name]} and {entry}): name them "
+                             f"in TOKSERVE_MODELS with name=path, e.g. {spec.name}-a={_parse_entry(entry_of[spec.name])[1]},"
+                             f"{spec.name}-b={_parse_entry(entry)[1]}")
         specs[spec.name] = spec
+        entry_of[spec.name] = entry
         if spec.random_weights:
             log.warning("model %s has RANDOM WEIGHTS (registry configuration, no checkpoint)", spec.name)
     tokenizers = [s for s in specs.values() if s.kind == "tokenizer"]

@@ -132,3 +132,51 @@ def test_worker_without_redis_explains_and_exits_2() -> None:
     r = subprocess.run([sys.executable, "-m", "server.worker"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "REDIS_URL" in r.stderr and "python -m server" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two trained-tokenizer exports of the same shape (``runs/a/export``, ``runs/b/export``) and a generator
+    trained on b's that (as ``python -m training generator --tokenizer runs/b/export`` with the default
+    config's ref once did) calls its tokenizer ``default-tokenizer``."""
+    from models.hub import weights_sha256
+
+    root = tmp_path_factory.mktemp("pairing") / "runs"
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        models.save_pretrained(models.create_model("softvq-tiny-64"), root / name / "export")
+    models.save_pretrained(models.create_model("sit-tiny-64x32", tokenizer="default-tokenizer",
+                                               tokenizer_sha256=weights_sha256(root / "b" / "export")),
+                           root / "gen" / "export")
+    return root
+
+
+def test_generator_pairs_with_the_tokenizer_whose_weights_it_was_trained_on(runs: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    a, b, gen = (str(runs / n / "export") for n in ("a", "b", "gen"))
+    ms = resolve_models([a, b, gen])  # two folders called `export`: unique names from their parents
+    assert set(ms.specs) == {"a-export", "b-export", "gen-export"}
+    assert ms.generator(None).tokenizer == "b-export"  # by the weights' sha256, not by shape (both fit)
+    ms = resolve_models([f"other={a}", f"mine={b}", gen])
+    assert ms.generator(None).tokenizer == "mine"  # whatever the operator calls it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tokserve.models"):
+        ms = resolve_models([a, gen])  # its tokenizer is not loaded: by shape, and said loudly
+    assert ms.generator(None).tokenizer == "a-export"
+    assert any("by token shape" in r.getMessage() and "gen-export" in r.getMessage() for r in caplog.records)
+
+
+def test_two_models_of_one_name_get_one_clear_line(runs: Path, tmp_path: Path) -> None:
+    for n in ("x", "y"):
+        models.save_pretrained(models.load_pretrained(runs / "a" / "export"), tmp_path / n / "tok")
+    entries = f"{tmp_path / 'x' / 'tok'},{tmp_path / 'y' / 'tok'}"
+    with pytest.raises(ValueError, match="name=path"):
+        resolve_models(entries.split(","))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TOKSERVE_MODELS": entries,
+           "REDIS_URL": "redis://127.0.0.1:1/0"}
+    for cmd in (["-m", "server", "--port", "0"], ["-m", "server.worker"]):
+        r = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, timeout=120)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        print(f"\n{' '.join(cmd)} -> {r.returncode}: {lines}")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(lines) == 1 and "two models are named 'tok'" in lines[0] and "name=path" in lines[0]

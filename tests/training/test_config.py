@@ -63,3 +63,27 @@ def test_ema_tracks_the_model() -> None:
     assert not torch.equal(before, ema.model.weight)
     torch.testing.assert_close(ema.model.weight, model.weight)
     assert dataclasses.is_dataclass(C.RunConfig())
+
+
+def test_tokenizer_option_records_that_tokenizer_not_the_configs_default(tmp_path) -> None:
+    """``--tokenizer runs/x/export`` on a config whose export names ``default-tokenizer``: the export names the
+    given folder as the server will (``x-export``) and the sha256 of its weights; the server pairs by that."""
+    import models
+    from models.hub import weights_sha256
+    from training.__main__ import _train_config, build_parser
+    from training.generator import build_generator
+
+    folder = tmp_path / "runs" / "x" / "export"
+    torch.manual_seed(0)
+    models.save_pretrained(models.create_model("softvq-tiny-64"), folder)
+    args = build_parser().parse_args(["generator", "--config", "generator-tiny", "--tokenizer", str(folder),
+                                      "model=sit-tiny-64x32", "tokenizer_ref=default-tokenizer"])
+    assert _train_config(args, "generator").tokenizer_ref == "default-tokenizer"  # an explicit ref is kept
+    args = build_parser().parse_args(["generator", "--config", "generator-default", "--tokenizer", str(folder),
+                                      "model=sit-tiny-64x32"])
+    cfg = _train_config(args, "generator")
+    assert C.get_named("generator-default").tokenizer_ref == "default-tokenizer"
+    assert cfg.tokenizer_ref == "x-export"
+    gen = build_generator(cfg, [1, 2], cfg.tokenizer_ref)
+    assert gen.config.tokenizer == "x-export" and gen.config.tokenizer_sha256 == weights_sha256(folder)
+    assert len(gen.config.tokenizer_sha256) == 64

@@ -87,7 +87,8 @@ def test_generator_learns_resumes_and_exports(tokenizer_run: Path, tmp_path: Pat
     assert tok_cfg["vq_std"] != 1.0 and tok_cfg["vq_std"] > 0, "latent stats are written into the tokenizer"
 
     gen = models.load_pretrained(full)
-    assert gen.config.tokenizer == str(tok_dir)
+    # the tokenizer it was trained on, as the server names that folder and by the sha256 of its weights
+    assert gen.config.tokenizer == "tok" and gen.config.tokenizer_sha256 == models.hub.weights_sha256(tok_dir)
     labels = load_images("tiny-val", 64, max_images=192).labels
     assert list(gen.config.trained_classes) == sorted(set(labels.tolist()))
 
