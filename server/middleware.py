@@ -2,7 +2,8 @@
 metrics, and a JSON 500 (with the request id) for anything unexpected.
 
 Routes report their queue / compute time and model through ``scope["state"]`` (``request.state``):
-``queue_ms``, ``compute_ms``, ``model``; this layer turns them into ``x-queue-time`` / ``x-compute-time``.
+``queue_ms``, ``compute_ms``, ``model``; this layer turns them into ``x-queue-time`` / ``x-compute-time`` /
+``x-model``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class RequestContext:
                 h["x-queue-time"] = f"{state.get('queue_ms', 0.0):.3f}"
                 h["x-compute-time"] = f"{state.get('compute_ms', 0.0):.3f}"
                 h["x-total-time"] = f"{1e3 * (time.perf_counter() - t0):.3f}"
+                if state.get("model"):  # the model that served it (binary answers carry no JSON model field)
+                    h["x-model"] = state["model"]
             await send(message)
 
         try:

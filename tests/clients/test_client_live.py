@@ -65,6 +65,8 @@ def test_encode_inputs_and_transports_agree(live_server: LiveProcess, tmp_path) 
     with client(live_server) as c:
         ref = c.encode(jpeg)
         assert ref.shape == (1, 64, 32) and ref.array.dtype == np.float32 and np.isfinite(ref.array).all()
+        assert ref.model == "softvq-tiny-64"  # the default (npy) transport too: from the x-model header
+        assert c.decode_result(ref).model == "softvq-tiny-64"
         assert ref.request_id and ref.timings.compute_ms is not None and ref.timings.total_ms is not None
         np.testing.assert_allclose(c.encode(path).array, ref.array, atol=1e-5)
         np.testing.assert_allclose(c.encode(str(path)).array, ref.array, atol=1e-5)
@@ -76,8 +78,7 @@ def test_encode_inputs_and_transports_agree(live_server: LiveProcess, tmp_path) 
         with client(live_server, transport=transport) as c:
             other = c.encode(jpeg)
         np.testing.assert_allclose(other.array, ref.array, atol=1e-5)
-        if transport == "json":
-            assert other.model == "softvq-tiny-64"
+        assert other.model == "softvq-tiny-64"
 
 
 def test_batch_encode_then_decode(live_server: LiveProcess) -> None:

@@ -63,8 +63,40 @@ def test_cli_round_trip(live_server: LiveProcess, tmp_path: Path) -> None:
     ]  # fmt: skip
     assert np.load(gen / "class207_seed5.npy").shape == (64, 32)
 
-    out = tokserve(live_server, "generate", "--class", "5000", "--steps", "2")
-    assert out.returncode == 1 and "UnprocessableError" in out.stderr
+    out = tokserve(live_server, "generate", "207", "-n", "1", "--seed", "9", "--steps", "2", "-o", str(gen))
+    assert out.returncode == 0, out.stderr  # a positional class, as the README writes it
+    assert (gen / "class207_seed9.png").exists()
+
+    # an unserved class is refused before any work: one clear line, nothing written
+    out = tokserve(live_server, "generate", "--class", "207", "5000", "--steps", "2", "-o", str(tmp_path / "no"))
+    assert out.returncode == 1 and "does not serve class(es) [5000]" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
+    out = tokserve(live_server, "generate", "--steps", "2")
+    assert out.returncode == 1 and "no class given" in out.stderr
+
+
+def test_generate_runs_the_classes_of_one_call_concurrently(live_server: LiveProcess, tmp_path: Path) -> None:
+    """8 classes in one call against the slowest of them alone: concurrent, the call takes about as long as
+    the server needs for their rows batched together, not the sum of 8 calls. Printed; the only assertion is
+    the loose one that the call beats running them one after another."""
+    import time
+
+    classes = [1, 2, 3, 4, 5, 6, 7, 8]
+    steps = ["--steps", "50", "--sampler", "euler", "--seed", "1"]
+    singles = []
+    for c in classes:
+        t0 = time.perf_counter()
+        out = tokserve(live_server, "generate", str(c), *steps, "-o", str(tmp_path / "one"))
+        singles.append(time.perf_counter() - t0)
+        assert out.returncode == 0, out.stderr
+    t0 = time.perf_counter()
+    out = tokserve(live_server, "generate", "--class", *map(str, classes), *steps, "-o", str(tmp_path / "all"))
+    together = time.perf_counter() - t0
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(f"class{c}_seed1.png" for c in classes)
+    print(f"\ntokserve generate --class 1..8 --steps 50: {together:.2f} s; slowest single class {max(singles):.2f} s,"
+          f" the 8 one after another {sum(singles):.2f} s (each call includes the CLI's start-up)")
+    assert together < sum(singles)
 
 
 def test_bench_small_bounded_run(live_server: LiveProcess, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("generate", parents=[common], help="class ids -> generated images")
-    p.add_argument("--class", dest="class_ids", type=int, nargs="+", required=True, help="ImageNet-1k ids")
+    p.add_argument("classes", type=int, nargs="*", metavar="CLASS", help="ImageNet-1k ids (or use --class)")
+    p.add_argument("--class", dest="class_ids", type=int, nargs="+", default=[], help="ImageNet-1k ids")
+    p.add_argument(
+        "--concurrency", type=int, default=8, help="classes generated at once (default %(default)s)"
+    )
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per class")
     p.add_argument("--cfg-scale", type=float)
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"))
@@ -194,13 +199,42 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _served_classes(client: Client, model: str | None, class_ids: list[int]) -> None:
+    """Refuse (ValueError, before any generation) classes the generator does not serve."""
+    models = client.models()
+    name = model or models.default_generator
+    if name is None:
+        raise ValueError("the server has no generator")
+    try:
+        info = models.get(name)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    served = set(info.classes) if info.classes is not None else None
+    if served is None and info.num_classes is not None:
+        served = set(range(info.num_classes))
+    bad = [c for c in class_ids if served is not None and c not in served]
+    if bad:
+        shown = sorted(served) if served is not None and len(served) <= 20 else None
+        what = f"it serves {shown}" if shown is not None else f"it serves {len(served or ())} classes"
+        if served and shown is None:
+            what += f" in {min(served)}..{max(served)}"
+        raise ValueError(f"{name} does not serve class(es) {bad}: {what} (see `tokserve models --json`)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    class_ids = list(args.classes) + list(args.class_ids)
+    if not class_ids:
+        raise ValueError("no class given: tokserve generate CLASS [CLASS ...] (or --class CLASS ...)")
+    if args.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     suffix = "." + ("jpg" if args.format == "jpeg" else args.format)
     interval = tuple(args.guidance_interval) if args.guidance_interval else None
     with _client(args) as client:
-        for class_id in tqdm(args.class_ids, unit="class", disable=len(args.class_ids) == 1):
+        _served_classes(client, args.model, class_ids)
+        out.mkdir(parents=True, exist_ok=True)
+
+        def one(class_id: int) -> list[Path]:
             res = client.generate(
                 class_id,
                 args.num_images,
@@ -214,12 +248,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 format=args.format,
             )
             seeds = res.seeds or [(res.seed or 0) + i for i in range(len(res.images))]
+            written = []
             for i, (img, seed) in enumerate(zip(res.images, seeds, strict=False)):
                 target = out / f"class{class_id}_seed{seed}{suffix}"
                 img.save(target)
                 if args.save_latents and res.latents is not None:
                     target.with_suffix(".npy").write_bytes(_tensors.to_npy(res.latents[i]))
-                print(target)
+                written.append(target)
+            return written
+
+        # the classes of one call run concurrently (the server batches their rows step by step)
+        with ThreadPoolExecutor(min(args.concurrency, len(class_ids))) as pool, tqdm(
+            total=len(class_ids), unit="class", disable=len(class_ids) == 1
+        ) as bar:
+            futures = [pool.submit(one, c) for c in class_ids]
+            try:
+                for future in as_completed(futures):
+                    for target in future.result():
+                        print(target)
+                    bar.update(1)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     return 0
 
 
