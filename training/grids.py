@@ -4,16 +4,25 @@ as ``python -m training figures`` with options."""
 
 from __future__ import annotations
 
-import torch
+import argparse
+from collections.abc import Sequence
 
-from training.figures import write_figures
 
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.grids", description=__doc__)
+    ap.add_argument("--tokenizer", default="weights/default/tokenizer")
+    ap.add_argument("--generator", default="weights/default/generator")
+    ap.add_argument("--out", default="docs", help="folder of the two PNGs (default %(default)s: overwrites them)")
+    args = ap.parse_args(argv)  # --help prints this and exits before anything is written
+    import torch
 
-def main(tokenizer: str = "weights/default/tokenizer", generator: str = "weights/default/generator") -> None:
+    from training.figures import write_figures
+
     torch.set_num_threads(1)
-    for path in write_figures(tokenizer, generator, "docs"):
+    for path in write_figures(args.tokenizer, args.generator, args.out):
         print(path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -167,3 +167,24 @@ def test_sc_lora_targets_the_vit_mlps(tmp_path: Path) -> None:
 def test_defaults_are_a_valid_v_config() -> None:
     cfg = XQGANTrainConfig()
     assert cfg.model.backbone == "v" and check_model(cfg).quantizer == "lfq"
+
+
+def test_cli_takes_steps_and_out_like_every_training_command(tmp_path: Path, capsys) -> None:
+    from training.xqgan.__main__ import main
+
+    config = str(ROOT / "configs" / "xqgan" / "v-lfq-s-64.toml")
+    assert main([config, "--check", "--steps", "5", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "run.steps=5 " in out and f"run.out_dir={tmp_path / 'run'}" in out
+
+
+def test_grids_help_prints_help_and_writes_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    before = {p: p.stat().st_mtime_ns for p in (repo / "docs").glob("*.png")}
+    r = subprocess.run([sys.executable, "-m", "training.grids", "--help"], cwd=repo, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "usage: python -m training.grids" in r.stdout, r.stderr
+    assert {p: p.stat().st_mtime_ns for p in (repo / "docs").glob("*.png")} == before
