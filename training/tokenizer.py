@@ -32,7 +32,7 @@ from training.losses import (
 )
 from training.perceptual import LPIPS, EfficientNetLite0
 from training.plots import plot_losses, save_grid
-from training.trainer import Trainer, setup_run
+from training.trainer import Trainer, finished_export, setup_run
 
 
 def _f(t: torch.Tensor) -> float:
@@ -77,6 +77,11 @@ def reconstruction_grid(model: nn.Module, images: torch.Tensor, path: Path) -> P
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     run, lc = cfg.run, cfg.loss
+    done = finished_export(run)
+    if done is not None:  # before loading (up to 100k) images
+        print(f"{run.out_dir}: this run already finished (step {done[1]} of {run.steps}); its export is {done[0]}. "
+              "Nothing to do (more run.steps, or another run.out_dir, trains on).", flush=True)
+        return done[0]
     device = setup_run(run)
     data = load_training_images(cfg)
     val = load_images(cfg.data.val, cfg.data.image_size, max_images=8)

@@ -35,6 +35,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def finished_export(run: RunConfig) -> tuple[Path, int] | None:
+    """(export folder, step) of a run in ``run.out_dir`` that already reached ``run.steps`` and exported after
+    its last checkpoint, when resuming; None otherwise. Read before any data is loaded, so resuming a finished
+    run answers at once."""
+    out = Path(run.out_dir)
+    ckpt, export = out / "checkpoints" / "last.pt", out / "export" / "config.json"
+    if not (run.resume and ckpt.exists() and export.exists()) or export.stat().st_mtime < ckpt.stat().st_mtime:
+        return None
+    step = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
+    return (export.parent, step) if step >= run.steps else None
+
+
 def setup_run(run: RunConfig) -> torch.device:
     """Threads and seed of a run; returns its device."""
     if run.threads > 0:

@@ -63,6 +63,15 @@ def test_tokenizer_learns_and_exports(tokenizer_run: Path) -> None:
     assert after < 0.9 * before, (float(before), float(after))
 
 
+def test_resuming_a_finished_tokenizer_run_answers_before_loading_images(tokenizer_run: Path, capsys) -> None:
+    export = tokenizer_run / "export"
+    before = {p.name: p.stat().st_mtime_ns for p in export.iterdir()}
+    cfg = C.apply_overrides(_tok_cfg(tokenizer_run), ["data.train=/no/such/images"])  # loading would fail
+    assert train_tokenizer(cfg) == export
+    assert "already finished" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in export.iterdir()} == before  # not exported again
+
+
 def test_tokenizer_resume_is_exact(tokenizer_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
     train_tokenizer(_tok_cfg(out, stop_at=12))
