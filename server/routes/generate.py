@@ -103,4 +103,4 @@ async def generate(request: Request, state: StateDep, opts: OptionsDep) -> Respo
                              cost=images.numel())
 
 
-router.add_api_route("/generate", generate, methods=["POST"], include_in_schema=False)
+router.add_api_route("/generate", generate, methods=["POST"], include_in_schema=False, openapi_extra=OPENAPI)  # same query parameters

@@ -191,6 +191,9 @@ def test_generate_query_json_alias_and_seeds(client: httpx.Client) -> None:
     assert [im["seed"] for im in body["images"]] == [5, 6] and q.headers["x-seed"] == "5"
     j = client.post("/generate", json={"class_id": 207, "seed": 5, "steps": 3, "num_images": 2, "cfg_scale": 2.0})
     assert [im["data"] for im in j.json()["images"]] == [im["data"] for im in body["images"]]
+    aq = client.post("/generate?class=207&seed=5&steps=3&num_images=2&cfg_scale=2.0")  # the alias takes the query too
+    assert aq.status_code == 200, aq.text
+    assert [im["data"] for im in aq.json()["images"]] == [im["data"] for im in body["images"]]
     second = client.post("/v1/generate?class=207&seed=6&steps=3&cfg_scale=2.0", headers={"accept": "image/png"})
     assert second.headers["content-type"] == "image/png" and second.headers["x-seed"] == "6"
     assert np.array_equal(_arr(second.content), _arr(base64.b64decode(body["images"][1]["data"])))
