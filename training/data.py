@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.preprocess import center_crop_arr  # the one shared implementation (serving preprocesses alike)
+from training.progress import progress
 
 DATA_ROOT = Path(os.environ.get("TOKSERVE_DATA", "../shared/data"))
 TINY = DATA_ROOT / "tiny-imagenet-64"
@@ -87,28 +88,36 @@ def iter_parquet(
     image_column: str = "image",
     label_column: str | None = "label",
     batch_size: int = 1000,
+    skip: int = 0,
 ) -> Iterator[Record]:
     """Records from parquet files, read one row group (``batch_size`` rows) at a time.
 
     ``classes`` keeps only those labels; ``max_images`` stops after that many kept records. A missing label
-    column gives label -1. The image column is the HF struct ``{bytes, path}`` or plain binary.
+    column gives label -1. The image column is the HF struct ``{bytes, path}`` or plain binary. ``skip`` passes
+    over the first that many kept records without decoding them (they still count towards ``max_images``).
     """
     keep = None if classes is None else set(int(c) for c in classes)
     n = 0
     for path in paths:
         pf = pq.ParquetFile(str(path))
-        cols = [image_column] + ([label_column] if label_column and label_column in pf.schema_arrow.names else [])
-        for batch in pf.iter_batches(batch_size=batch_size, columns=cols):
-            images = batch.column(image_column).to_pylist()
-            labels = batch.column(label_column).to_pylist() if len(cols) == 2 else [-1] * len(images)
-            for img, label in zip(images, labels, strict=True):
-                if keep is not None and int(label) not in keep:
-                    continue
-                data = img["bytes"] if isinstance(img, dict) else img
-                yield decode_image(data), int(label)
-                n += 1
-                if max_images is not None and n >= max_images:
-                    return
+        has_label = bool(label_column) and label_column in pf.schema_arrow.names
+        for batch in pf.iter_batches(batch_size=batch_size, columns=[image_column] + ([label_column] if has_label else [])):
+            labels = batch.column(label_column).to_pylist() if has_label else [-1] * batch.num_rows
+            kept = [i for i, label in enumerate(labels) if keep is None or int(label) in keep]
+            if max_images is not None:
+                kept = kept[: max_images - n]
+            if n + len(kept) <= skip:  # the whole row group is skipped: no image bytes to Python
+                n += len(kept)
+            else:
+                images = batch.column(image_column)
+                for i in kept:
+                    n += 1
+                    if n <= skip:
+                        continue
+                    img = images[i].as_py()
+                    yield decode_image(img["bytes"] if isinstance(img, dict) else img), int(labels[i])
+            if max_images is not None and n >= max_images:
+                return
 
 
 def folder_labels(names: Sequence[str]) -> dict[str, int]:
@@ -125,25 +134,26 @@ def folder_labels(names: Sequence[str]) -> dict[str, int]:
     return {n: i for i, n in enumerate(sorted(names))}
 
 
-def iter_image_folder(
-    root: str | os.PathLike[str], *, classes: Iterable[int] | None = None, max_images: int | None = None
-) -> Iterator[Record]:
-    """Records from ``root/<class>/<image>`` (images directly in ``root`` get label -1), sorted by path."""
-    root = Path(root)
+def _folder_files(root: Path, classes: Iterable[int] | None) -> list[tuple[Path, int]]:
+    """``(path, label)`` of the images under ``root`` (sorted; images directly in ``root`` get label -1)."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
     labels = folder_labels([p.name for p in subdirs])
-    keep = None if classes is None else set(int(c) for c in classes)
     files: list[tuple[Path, int]] = [(p, -1) for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
     for d in subdirs:
         files += [(p, labels[d.name]) for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-    n = 0
-    for path, label in files:
-        if keep is not None and label not in keep:
-            continue
+    keep = None if classes is None else set(int(c) for c in classes)
+    return [(p, label) for p, label in files if keep is None or label in keep]
+
+
+def iter_image_folder(
+    root: str | os.PathLike[str], *, classes: Iterable[int] | None = None, max_images: int | None = None,
+    skip: int = 0,
+) -> Iterator[Record]:
+    """Records from ``root/<class>/<image>`` (images directly in ``root`` get label -1), sorted by path;
+    ``skip`` passes over the first that many without reading them."""
+    files = _folder_files(Path(root), classes)
+    for path, label in files[skip:max_images]:
         yield decode_image(path.read_bytes()), label
-        n += 1
-        if max_images is not None and n >= max_images:
-            return
 
 
 def resolve_source(source: str | os.PathLike[str] | Sequence[str]) -> tuple[str, list[Path]]:
@@ -172,12 +182,34 @@ def resolve_source(source: str | os.PathLike[str] | Sequence[str]) -> tuple[str,
 
 
 def iter_records(source, *, classes: Iterable[int] | None = None, max_images: int | None = None,
-                 image_column: str = "image", label_column: str | None = "label") -> Iterator[Record]:
+                 image_column: str = "image", label_column: str | None = "label", skip: int = 0) -> Iterator[Record]:
+    """Decoded records of a source (see :func:`resolve_source`); ``skip`` passes over the first that many kept
+    records without decoding them (they count towards ``max_images``: a resumed reader sees the same records)."""
     kind, paths = resolve_source(source)
     if kind == "folder":
-        return iter_image_folder(paths[0], classes=classes, max_images=max_images)
+        return iter_image_folder(paths[0], classes=classes, max_images=max_images, skip=skip)
     return iter_parquet(paths, classes=classes, max_images=max_images, image_column=image_column,
-                        label_column=label_column)
+                        label_column=label_column, skip=skip)
+
+
+def count_records(source, *, classes: Iterable[int] | None = None, max_images: int | None = None,
+                  label_column: str | None = "label") -> int:
+    """How many records :func:`iter_records` yields, without decoding any image (parquet: row counts from the
+    metadata, or the label column when ``classes`` filters; folder: the file listing)."""
+    kind, paths = resolve_source(source)
+    if kind == "folder":
+        n = len(_folder_files(paths[0], classes))
+    elif classes is None:
+        n = sum(pq.ParquetFile(str(p)).metadata.num_rows for p in paths)
+    else:
+        keep = set(int(c) for c in classes)
+        n = 0
+        for path in paths:
+            pf = pq.ParquetFile(str(path))
+            if label_column and label_column in pf.schema_arrow.names:
+                labels = pf.read(columns=[label_column]).column(label_column).to_pylist()
+                n += sum(1 for label in labels if int(label) in keep)
+    return n if max_images is None else min(n, max_images)
 
 
 def source_labels(source, label_column: str = "label") -> list[int]:
@@ -233,13 +265,20 @@ class ImageSet:
 
 
 def load_images(source, size: int, *, classes: Iterable[int] | None = None, max_images: int | None = None,
-                image_column: str = "image", label_column: str | None = "label") -> ImageSet:
-    """Decode a source into memory, each image ADM-centre-cropped to (size, size)."""
+                image_column: str = "image", label_column: str | None = "label",
+                desc: str | None = "loading images") -> ImageSet:
+    """Decode a source into memory, each image ADM-centre-cropped to (size, size), with a progress bar named
+    ``desc`` (None: no bar, for a handful of images)."""
+    total = count_records(source, classes=classes, max_images=max_images, label_column=label_column) if desc else None
+    where = f"{len(source)} parquet files" if isinstance(source, (list, tuple)) else str(source)
+    label = f"{desc} ({where}, {size}px)" if desc else None
     images, labels = [], []
-    for arr, label in iter_records(source, classes=classes, max_images=max_images, image_column=image_column,
-                                   label_column=label_column):
-        images.append(torch.from_numpy(np.ascontiguousarray(to_size(arr, size))).permute(2, 0, 1))
-        labels.append(label)
+    with progress(total=total, desc=label) as bar:
+        for arr, lab in iter_records(source, classes=classes, max_images=max_images, image_column=image_column,
+                                     label_column=label_column):
+            images.append(torch.from_numpy(np.ascontiguousarray(to_size(arr, size))).permute(2, 0, 1))
+            labels.append(lab)
+            bar.update(1)
     if not images:
         raise ValueError(f"no images in {source!r} (classes={classes}, max_images={max_images})")
     return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64))

@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.data import iter_records, resolve_source, to_float, to_size
+from training.data import count_records, iter_records, to_float, to_size
+from training.progress import progress
 
 META = "meta.json"
 
@@ -118,11 +119,10 @@ class _Runner:
 
 def _chunks(source: str, size: int, chunk: int, skip: int,
             max_images: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    images, labels, seen = [], [], 0
-    for arr, label in iter_records(source, max_images=max_images):
-        seen += 1
-        if seen <= skip:
-            continue
+    """Batches of ``chunk`` images (uint8 (B, 3, size, size)) and labels, after the first ``skip`` records,
+    which are passed over without decoding (a resumed cache starts at once)."""
+    images, labels = [], []
+    for arr, label in iter_records(source, max_images=max_images, skip=skip):
         images.append(torch.from_numpy(np.ascontiguousarray(to_size(arr, size))).permute(2, 0, 1))
         labels.append(label)
         if len(images) == chunk:
@@ -130,15 +130,6 @@ def _chunks(source: str, size: int, chunk: int, skip: int,
             images, labels = [], []
     if images:
         yield torch.stack(images), torch.tensor(labels)
-
-
-def count_images(source: str) -> int:
-    import pyarrow.parquet as pq
-
-    kind, paths = resolve_source(source)
-    if kind == "parquet":
-        return sum(pq.ParquetFile(str(p)).metadata.num_rows for p in paths)
-    return sum(1 for _ in iter_records(source))
 
 
 @dataclass
@@ -175,9 +166,7 @@ def build_feature_cache(cfg: FeatureCacheConfig, taef2: nn.Module | None = None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / META
-    n = count_images(cfg.source)
-    if cfg.max_images is not None:
-        n = min(n, cfg.max_images)
+    n = count_records(cfg.source, max_images=cfg.max_images)
     g, side = cfg.lite_grid, cfg.image_size // 8
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
     if meta is not None and (_content_key(meta.get("config", {})) != _content_key(asdict(cfg))
@@ -201,7 +190,8 @@ def build_feature_cache(cfg: FeatureCacheConfig, taef2: nn.Module | None = None)
     lite_run = _Runner(lite_mod, lite_input(example, cfg.lite_resolution), cfg.runtime, cfg.threads)
     meta["runtime"] = {"taef2": enc.runtime, "lite0": lite_run.runtime}
     print(f"{out}: {n} images from {cfg.source}, starting at {done}; runtimes {meta['runtime']}", flush=True)
-    t0, checked, t_enc, t_lite, start = time.time(), False, 0.0, 0.0, done
+    checked, t_enc, t_lite, start = False, 0.0, 0.0, done
+    bar = progress(total=n, initial=done, desc=f"caching TAEF2 + Lite0 features ({cfg.source})")
     for imgs, labs in _chunks(cfg.source, cfg.image_size, cfg.chunk, done, cfg.max_images):
         x = to_float(imgs)
         t = time.time()
@@ -229,9 +219,10 @@ def build_feature_cache(cfg: FeatureCacheConfig, taef2: nn.Module | None = None)
         meta["rate"] = {"taef2_img_s": round(done_rate(done - start, t_enc), 1),
                         "lite0_img_s": round(done_rate(done - start, t_lite), 1)}
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-        el = time.time() - t0
-        print(f"{done}/{n} images ({el:.0f} s; TAEF2 {meta['rate']['taef2_img_s']} img/s, "
-              f"Lite0 {meta['rate']['lite0_img_s']} img/s)", flush=True)
+        bar.set_postfix_str(f"TAEF2 {meta['rate']['taef2_img_s']} img/s, Lite0 {meta['rate']['lite0_img_s']} img/s",
+                            refresh=False)
+        bar.update(k)
+    bar.close()
     return out
 
 
