@@ -54,6 +54,7 @@ from training.latents import weights_fingerprint
 from training.losses import reconstruction_loss
 from training.metrics import psnr
 from training.plots import plot_losses, save_grid
+from training.progress import note, progress
 from training.tokenizer import load_training_images
 from training.trainer import Trainer, setup_run
 
@@ -233,7 +234,7 @@ def data_key(d: DataConfig, source: str, max_images: int | None, flip: bool = Fa
 @torch.no_grad()
 def cached_vae_latents(model: CODA, images: ImageSet, cache_dir: str | os.PathLike[str], key: str, *,
                        batch_size: int = 64, flip: bool = False, device: torch.device | str = "cpu",
-                       log_every: int = 20) -> ImageSet:
+                       show_progress: bool = True) -> ImageSet:
     """Raw VAE latents (N, C, s, s) float32 (``vae.encode_spatial``: before shift / scale) and labels of
     ``images`` (mirrored copies appended when ``flip``), read from ``cache_dir`` when present, else encoded and
     written there. The file name hashes the encoder weights and ``key`` (the data selection)."""
@@ -242,19 +243,16 @@ def cached_vae_latents(model: CODA, images: ImageSet, cache_dir: str | os.PathLi
     if path.exists():
         d = torch.load(path, weights_only=True)
         if d.get("n") == len(images) * (2 if flip else 1):
+            note(f"VAE latent cache {path}: reused ({d['n']} latents), nothing to encode")
             return ImageSet(d["latents"], d["labels"])
     model.eval()
     src = torch.cat([images.images, images.images.flip(-1)]) if flip else images.images
     labels = torch.cat([images.labels, images.labels]) if flip else images.labels
     out = []
-    import time
-
-    t0 = time.time()
-    for i in range(0, len(src), batch_size):
-        out.append(model.vae.encode_spatial(to_float(src[i : i + batch_size]).to(device)).float().cpu())
-        if log_every and (i // batch_size) % log_every == 0:
-            done = i + out[-1].shape[0]
-            print(f"encoded {done}/{len(src)} ({done / max(time.time() - t0, 1e-9):.1f} img/s)", flush=True)
+    with progress(total=len(src), desc=f"encoding VAE latents (cache {path})" if show_progress else None) as bar:
+        for i in range(0, len(src), batch_size):
+            out.append(model.vae.encode_spatial(to_float(src[i : i + batch_size]).to(device)).float().cpu())
+            bar.update(out[-1].shape[0])
     latents = torch.cat(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -358,7 +356,7 @@ def train_coda(cfg: CODATrainConfig) -> Path:
     latents = cached_vae_latents(model, data, cache_dir, data_key(d, d.train, d.max_images),
                                  batch_size=cfg.encode_batch_size, device=device)
     val_lat = cached_vae_latents(model, val, cache_dir, data_key(d, d.val, len(val)),
-                                 batch_size=cfg.encode_batch_size, device=device, log_every=0)
+                                 batch_size=cfg.encode_batch_size, device=device, show_progress=False)
     raw_all = latents.images
     if cfg.normalize_latents and not cfg.init_from:
         mean, std = float(raw_all.double().mean()), float(raw_all.double().std())

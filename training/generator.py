@@ -32,6 +32,7 @@ from training.feature_cache import open_feature_cache
 from training.latents import (
     LatentStats,
     encode_cached,
+    encode_image_set,
     has_latent_stats,
     weights_fingerprint,
     write_latent_stats,
@@ -39,6 +40,7 @@ from training.latents import (
 from training.losses import TokenAligner
 from training.objectives import diffusion_loss, flow_matching_loss, sample_time
 from training.plots import plot_losses, save_grid
+from training.progress import progress
 from training.tokenizer import load_training_images
 from training.trainer import Trainer, setup_run
 
@@ -87,22 +89,31 @@ def build_generator(cfg: GeneratorTrainConfig, trained_classes: list[int], token
     return models.create_model(cfg.model, **overrides)
 
 
+def _write_stats_once(cfg: GeneratorTrainConfig, tokenizer: nn.Module, tokens: torch.Tensor) -> None:
+    """When the tokenizer config still has the identity ``vq_mean`` / ``vq_std``: measure them on (up to
+    ``stats_images`` of) ``tokens`` and write them into the tokenizer folder's ``config.json``."""
+    if has_latent_stats(tokenizer):
+        return
+    stats = LatentStats.of(tokens[: cfg.stats_images].float())
+    write_latent_stats(cfg.tokenizer, stats)
+    tokenizer.config = dataclasses.replace(tokenizer.config, vq_mean=stats.vq_mean, vq_std=stats.vq_std)
+    print(f"latent stats written to {cfg.tokenizer}: {stats}", flush=True)
+
+
+def latent_cache_path(cfg: GeneratorTrainConfig) -> Path:
+    return Path(cfg.latent_cache or Path(cfg.run.out_dir) / "latents.pt")
+
+
 def prepare_latents(cfg: GeneratorTrainConfig, tokenizer: nn.Module, device: torch.device) -> ImageSet:
-    """Encode the training images once (cached raw tokens); when the tokenizer config still has the identity
-    ``vq_mean`` / ``vq_std``, measure them on (up to ``stats_images`` of) those tokens and write them into the
-    tokenizer folder's ``config.json``."""
-    images = load_training_images(cfg)
+    """The training images' raw tokens, encoded once into the latent cache (:func:`encode_cached`: a later run
+    with the same tokenizer weights and data settings loads them without loading any image), and the latent
+    statistics written once (:func:`_write_stats_once`)."""
     d = cfg.data
     key = json.dumps([weights_fingerprint(cfg.tokenizer), d.train, d.num_classes, d.classes, d.max_images,
                       d.image_size, cfg.encode_flip])
-    cache = Path(cfg.latent_cache or Path(cfg.run.out_dir) / "latents.pt")
-    latents = encode_cached(tokenizer, images, cache, key=key, batch_size=cfg.encode_batch_size,
-                            flip=cfg.encode_flip, device=device)
-    if not has_latent_stats(tokenizer):
-        stats = LatentStats.of(latents.images[: cfg.stats_images].float())
-        write_latent_stats(cfg.tokenizer, stats)
-        tokenizer.config = dataclasses.replace(tokenizer.config, vq_mean=stats.vq_mean, vq_std=stats.vq_std)
-        print(f"latent stats written to {cfg.tokenizer}: {stats}", flush=True)
+    latents = encode_cached(latent_cache_path(cfg), key=key, encode=lambda: encode_image_set(
+        tokenizer, load_training_images(cfg), cfg.encode_batch_size, flip=cfg.encode_flip, device=device))
+    _write_stats_once(cfg, tokenizer, latents.images)
     return latents
 
 
@@ -111,39 +122,33 @@ def prepare_cached_latents(cfg: GeneratorTrainConfig, tokenizer: nn.Module,
                            device: torch.device) -> tuple[ImageSet, torch.Tensor]:
     """Tokens of the feature cache's TAEF2 latents (``tokenizer.tokens_from_latents``; mirrored copies appended
     when ``encode_flip``: the latent grid flipped left-right) and the matching Lite0 features (N, 1280, g, g).
-    Tokens are cached in ``latent_cache`` like :func:`prepare_latents`, and the statistics written the same way."""
+    Tokens are cached in the latent cache by :func:`encode_cached` like :func:`prepare_latents`, and the
+    statistics written the same way."""
     if not hasattr(tokenizer, "tokens_from_latents"):
         raise ValueError(f"{cfg.tokenizer}: a feature cache needs TAEF2 or a tokenizer on it (tokens_from_latents)")
     fc = open_feature_cache(cfg.feature_cache)
     n = len(fc) if cfg.data.max_images is None else min(len(fc), cfg.data.max_images)
-    z = torch.from_numpy(np.array(fc.latents[:n]))
     feats = torch.from_numpy(np.array(fc.lite[:n]))
-    labels = torch.from_numpy(np.array(fc.labels[:n]))
     if cfg.encode_flip:
-        z, feats, labels = torch.cat([z, z.flip(-1)]), torch.cat([feats, feats.flip(-1)]), torch.cat([labels, labels])
-    key = json.dumps([weights_fingerprint(cfg.tokenizer), str(cfg.feature_cache), n, cfg.encode_flip])
-    cache = Path(cfg.latent_cache or Path(cfg.run.out_dir) / "latents.pt")
-    tokens = None
-    if cache.exists():
-        d = torch.load(cache, weights_only=True)
-        tokens = d["tokens"] if d.get("key") == key else None
-    if tokens is None:
+        feats = torch.cat([feats, feats.flip(-1)])
+
+    def encode() -> ImageSet:
+        z = torch.from_numpy(np.array(fc.latents[:n]))
+        labels = torch.from_numpy(np.array(fc.labels[:n]))
+        if cfg.encode_flip:
+            z, labels = torch.cat([z, z.flip(-1)]), torch.cat([labels, labels])
         tokenizer.eval()
         out = []
-        for i in range(0, len(z), 500):
-            out.append(tokenizer.tokens_from_latents(z[i : i + 500].float().to(device)).cpu())
-            if (i // 500) % 40 == 0:
-                print(f"encoded {i + len(out[-1])}/{len(z)} cached latents", flush=True)
-        tokens = torch.cat(out).half()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "tokens": tokens, "labels": labels}, cache.with_suffix(".tmp"))
-        cache.with_suffix(".tmp").replace(cache)
-    if not has_latent_stats(tokenizer):
-        stats = LatentStats.of(tokens[: cfg.stats_images].float())
-        write_latent_stats(cfg.tokenizer, stats)
-        tokenizer.config = dataclasses.replace(tokenizer.config, vq_mean=stats.vq_mean, vq_std=stats.vq_std)
-        print(f"latent stats written to {cfg.tokenizer}: {stats}", flush=True)
-    return ImageSet(tokens, labels), feats
+        with progress(total=len(z), desc=f"encoding cached TAEF2 latents ({cfg.feature_cache})") as bar:
+            for i in range(0, len(z), 500):
+                out.append(tokenizer.tokens_from_latents(z[i : i + 500].float().to(device)).cpu())
+                bar.update(len(out[-1]))
+        return ImageSet(torch.cat(out), labels)
+
+    key = json.dumps([weights_fingerprint(cfg.tokenizer), str(cfg.feature_cache), n, cfg.encode_flip])
+    latents = encode_cached(latent_cache_path(cfg), key=key, encode=encode)
+    _write_stats_once(cfg, tokenizer, latents.images)
+    return latents, feats
 
 
 class BlockOutput:

@@ -3,7 +3,7 @@
 The generator models normalised tokens ``(z - vq_mean) / vq_std``. Both scalars are measured once on
 training images (:func:`measure_latent_stats`) and written into the tokenizer's ``config.json``
 (:func:`write_latent_stats`) so that serving un-normalises with the same numbers. Encoding the training set
-once (:func:`encode_cached`) spares the CPU a tokenizer forward per generator step.
+once (:func:`encode_cached`, reused by later runs with the same key) spares the CPU a tokenizer forward per generator step.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,23 +21,29 @@ import torch.nn as nn
 
 from models.hub import CONFIG_NAME
 from training.data import ImageSet, to_float
+from training.progress import note, progress
 
 
 @torch.no_grad()
 def encode_images(tokenizer: nn.Module, images: torch.Tensor, batch_size: int = 64, *, flip: bool = False,
-                  device: torch.device | str = "cpu", log_every: int = 0) -> torch.Tensor:
-    """uint8 images (N, 3, H, W) -> raw tokens (N, L, D) float32 (mirrored copies appended when ``flip``)."""
+                  device: torch.device | str = "cpu", desc: str | None = None) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> raw tokens (N, L, D) float32 (mirrored copies appended when ``flip``),
+    with a progress bar named ``desc`` (None: none)."""
     tokenizer.eval()
     out = []
-    t0 = time.time()
     src = torch.cat([images, images.flip(-1)]) if flip else images
-    for i in range(0, src.shape[0], batch_size):
-        out.append(tokenizer.encode(to_float(src[i : i + batch_size]).to(device)).float().cpu())
-        if log_every and (i // batch_size) % log_every == 0:
-            done = i + out[-1].shape[0]
-            rate = done / max(time.time() - t0, 1e-9)
-            print(f"encoded {done}/{src.shape[0]} ({rate:.1f} img/s)", flush=True)
+    with progress(total=src.shape[0], desc=desc) as bar:
+        for i in range(0, src.shape[0], batch_size):
+            out.append(tokenizer.encode(to_float(src[i : i + batch_size]).to(device)).float().cpu())
+            bar.update(out[-1].shape[0])
     return torch.cat(out)
+
+
+def encode_image_set(tokenizer: nn.Module, images: ImageSet, batch_size: int = 64, *, flip: bool = False,
+                     device: torch.device | str = "cpu", desc: str | None = "encoding latents") -> ImageSet:
+    """:func:`encode_images` with the labels (repeated when ``flip``): ``ImageSet.images`` holds the tokens."""
+    tokens = encode_images(tokenizer, images.images, batch_size, flip=flip, device=device, desc=desc)
+    return ImageSet(tokens, torch.cat([images.labels, images.labels]) if flip else images.labels)
 
 
 @dataclasses.dataclass
@@ -55,7 +62,8 @@ class LatentStats:
 
 def measure_latent_stats(tokenizer: nn.Module, images: ImageSet, batch_size: int = 64,
                          device: torch.device | str = "cpu") -> LatentStats:
-    return LatentStats.of(encode_images(tokenizer, images.images, batch_size, device=device))
+    return LatentStats.of(encode_images(tokenizer, images.images, batch_size, device=device,
+                                        desc="encoding (latent statistics)"))
 
 
 def write_latent_stats(folder: str | os.PathLike[str], stats: LatentStats) -> dict:
@@ -84,19 +92,27 @@ def weights_fingerprint(folder: str | os.PathLike[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def encode_cached(tokenizer: nn.Module, images: ImageSet, cache: str | os.PathLike[str], *, key: str,
-                  batch_size: int = 64, flip: bool = False, device: torch.device | str = "cpu") -> ImageSet:
-    """Raw tokens (N, L, D) float16 and labels for ``images``, read from ``cache`` when its key matches,
-    else encoded and written there. The returned ``ImageSet.images`` holds the tokens."""
+def encode_cached(cache: str | os.PathLike[str], *, key: str, encode: Callable[[], ImageSet]) -> ImageSet:
+    """Tokens and labels read from ``cache`` when it was written under the same ``key`` (one line says so), else
+    ``encode()`` (which loads and encodes whatever it needs: nothing is loaded on a hit) written there as
+    ``{key, tokens (float16), labels}``. ``key`` names everything the tokens depend on: the tokenizer's weights
+    (:func:`weights_fingerprint`) and the data settings. The returned ``ImageSet.images`` holds the tokens."""
     cache = Path(cache)
     if cache.exists():
+        t0 = time.time()
         d = torch.load(cache, weights_only=True)
         if d.get("key") == key:
+            note(f"latent cache {cache}: reused ({len(d['labels'])} latents, same tokenizer and data; "
+                 f"{time.time() - t0:.1f} s), nothing to encode")
             return ImageSet(d["tokens"], d["labels"])
-    tokens = encode_images(tokenizer, images.images, batch_size, flip=flip, device=device, log_every=20)
-    labels = torch.cat([images.labels, images.labels]) if flip else images.labels
+        note(f"latent cache {cache}: made with another tokenizer or data selection; encoding again")
+    else:
+        note(f"latent cache {cache}: none yet; encoding")
+    out = encode()
+    tokens = out.images.half()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
-    torch.save({"key": key, "tokens": tokens.half(), "labels": labels}, tmp)
+    torch.save({"key": key, "tokens": tokens, "labels": out.labels}, tmp)
     os.replace(tmp, cache)
-    return ImageSet(tokens.half(), labels)
+    note(f"latent cache {cache}: written ({len(out.labels)} latents)")
+    return ImageSet(tokens, out.labels)

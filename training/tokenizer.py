@@ -84,7 +84,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         return done[0]
     device = setup_run(run)
     data = load_training_images(cfg)
-    val = load_images(cfg.data.val, cfg.data.image_size, max_images=8)
+    val = load_images(cfg.data.val, cfg.data.image_size, max_images=8, desc=None)
     model = build_tokenizer(cfg)
     if cfg.init == "patch-routing" and not cfg.init_from:
         from training.init import patch_routing_init

@@ -39,6 +39,7 @@ from training.config import DataConfig, OptimConfig, RunConfig, served_tokenizer
 from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
 from training.discrete import CodeGeneratorTrainConfig, fit_and_export, held_out_loss
 from training.latents import weights_fingerprint
+from training.progress import note, progress
 from training.tokenizer import load_training_images
 from training.trainer import Trainer, setup_run
 
@@ -110,7 +111,11 @@ def encode_codes(tokenizer: nn.Module, images: ImageSet, *, batch_size: int, dev
     """Codes (N, G, L) int64 of uint8 ``images`` (mirrored copies appended when ``flip``) and their labels."""
     src = torch.cat([images.images, images.images.flip(-1)]) if flip else images.images
     labels = torch.cat([images.labels, images.labels]) if flip else images.labels
-    codes = [tokenizer.encode(to_float(src[i : i + batch_size]).to(device)).cpu() for i in range(0, len(src), batch_size)]
+    codes = []
+    with progress(total=len(src), desc="encoding codes") as bar:
+        for i in range(0, len(src), batch_size):
+            codes.append(tokenizer.encode(to_float(src[i : i + batch_size]).to(device)).cpu())
+            bar.update(len(codes[-1]))
     return ImageSet(torch.cat(codes), labels)
 
 
@@ -124,6 +129,7 @@ def cached_codes(cfg: VARTrainConfig, tokenizer: nn.Module, images: ImageSet, so
     if path.exists():
         c = torch.load(path, weights_only=True)
         if c.get("key") == key:
+            note(f"code cache {path}: reused ({len(c['labels'])} codes), nothing to encode")
             return ImageSet(c["codes"], c["labels"])
     out = encode_codes(tokenizer, images, batch_size=cfg.encode_batch_size, device=device, flip=flip)
     path.parent.mkdir(parents=True, exist_ok=True)

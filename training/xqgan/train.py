@@ -61,7 +61,7 @@ def train_xqgan(cfg: XQGANTrainConfig) -> Path:
         image_column=d.image_column,
         label_column=d.label_column,
     )
-    val = load_images(d.val, d.image_size, max_images=8)
+    val = load_images(d.val, d.image_size, max_images=8, desc=None)
     model = build_model(cfg)
     report = apply_finetune(model, cfg.finetune)
     model = model.to(device)
