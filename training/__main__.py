@@ -96,13 +96,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+WHAT = {
+    "tokenizer": "training a tokenizer",
+    "generator": "training a generator on a tokenizer's latents",
+    "mar": "training a MAR generator on a tokenizer's latents",
+    "coda": "training a CODA tokenizer on the frozen TAEF2",
+    "maskgit": "training MaskGIT on a CODA tokenizer's codes",
+    "softvq-taef2": "training a SoftVQ tokenizer on the frozen TAEF2 from a feature cache",
+    "var": "training VAR on a multi-scale tokenizer's codes",
+    "cache-features": "caching TAEF2 latents and Lite0 features",
+    "figures": "writing the reconstruction and sample grids",
+    "eval-tokenizer": "evaluating a tokenizer (reconstructions, PSNR / SSIM / LPIPS, rFID)",
+    "eval-generator": "evaluating a generator (sampling, classifier accuracy, gFID)",
+    "compute-latent-stats": "measuring a tokenizer's latent statistics",
+}
+
+
 def _announce(argv: list[str]) -> None:
-    """One line at once (before torch and the data load) saying what this command is about to do."""
+    """One line at once (before torch and the data load) saying what this command is about to do; progress
+    bars (training/progress.py, ``TOKSERVE_PROGRESS``) follow on stderr."""
     words = [a for a in argv if not a.startswith("-")]
     if not words or any(a in ("-h", "--help") for a in argv) or words[0] == "configs":
         return
-    print(f"python -m training {words[0]}: starting (loading torch, the models and the data; progress follows)",
-          file=sys.stderr, flush=True)
+    what = WHAT.get(words[0], "running")
+    print(f"python -m training {words[0]}: {what}; starting (loading torch, the models and the data; "
+          "progress follows)", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ import models
 from training.data import ImageSet, load_images, select_classes, to_float, to_uint8
 from training.metrics import FeatureStats, InceptionFeatures, frechet_distance, psnr, ssim, top1
 from training.perceptual import LPIPS, EfficientNetLite0
+from training.progress import note, progress
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -50,17 +51,19 @@ def image_size_of(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def reconstruct(model: nn.Module, images: torch.Tensor, batch_size: int, codes_out: list | None = None
-                ) -> torch.Tensor:
+def reconstruct(model: nn.Module, images: torch.Tensor, batch_size: int, codes_out: list | None = None,
+                desc: str | None = None) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> reconstructed uint8 (N, 3, H, W). A discrete tokenizer's integer codes are
-    decoded by ``decode_codes`` (and appended to ``codes_out`` when given)."""
+    decoded by ``decode_codes`` (and appended to ``codes_out`` when given). A progress bar named ``desc``."""
     out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = to_float(images[i : i + batch_size])
-        codes_or_tokens = model.encode(x)
-        if codes_out is not None and hasattr(model, "decode_codes"):
-            codes_out.append(codes_or_tokens.cpu())
-        out.append(to_uint8(getattr(model, "decode_codes", model.decode)(codes_or_tokens)))
+    with progress(total=images.shape[0], desc=desc) as bar:
+        for i in range(0, images.shape[0], batch_size):
+            x = to_float(images[i : i + batch_size])
+            codes_or_tokens = model.encode(x)
+            if codes_out is not None and hasattr(model, "decode_codes"):
+                codes_out.append(codes_or_tokens.cpu())
+            out.append(to_uint8(getattr(model, "decode_codes", model.decode)(codes_or_tokens)))
+            bar.update(x.shape[0])
     return torch.cat(out)
 
 
@@ -87,8 +90,9 @@ def real_features(inception: InceptionFeatures, source: str, n: int, size: int, 
     digest = hashlib.sha1(images.images.numpy().tobytes()).hexdigest()[:16]
     cache = Path(cache_dir) / f"inception_{len(images)}x{size}px_{digest}.pt"
     if cache.exists():
+        note(f"Inception features of {len(images)} {source} images: reused from {cache}")
         return images, torch.load(cache, weights_only=True)
-    feats = inception.features(images.images).float()
+    feats = inception.features(images.images, desc=f"Inception features ({source}, cached after)").float()
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, cache)
     return images, feats
@@ -116,11 +120,14 @@ def eval_tokenizer(model: nn.Module, *, data: str = "tiny-val", n: int = 10000, 
     else:
         real, real_f = load_images(data, size, max_images=n), None
     codes: list[torch.Tensor] = []
-    rec = reconstruct(model, real.images, batch_size, codes)
+    rec = reconstruct(model, real.images, batch_size, codes, desc="reconstructing")
     lp = LPIPS(lpips_net)
-    with torch.no_grad():
-        lpips_vals = torch.cat([lp(to_float(real.images[i : i + batch_size]), to_float(rec[i : i + batch_size]))
-                                for i in range(0, len(real), batch_size)])
+    lpips_parts = []
+    with torch.no_grad(), progress(total=len(real), desc=f"LPIPS ({lpips_net})") as bar:
+        for i in range(0, len(real), batch_size):
+            lpips_parts.append(lp(to_float(real.images[i : i + batch_size]), to_float(rec[i : i + batch_size])))
+            bar.update(len(lpips_parts[-1]))
+    lpips_vals = torch.cat(lpips_parts)
     result = {
         "n": len(real),
         "image_size": size,
@@ -132,7 +139,7 @@ def eval_tokenizer(model: nn.Module, *, data: str = "tiny-val", n: int = 10000, 
     if codes and hasattr(model.config, "codebook_size"):
         result["codebook_usage"] = codebook_usage(torch.cat(codes), int(model.config.codebook_size))
     if inception is not None:
-        rec_f = inception.features(rec)
+        rec_f = inception.features(rec, desc="Inception features (reconstructions)")
         result["rfid"] = frechet_distance(FeatureStats.of(rec_f), FeatureStats.of(real_f))
     result["seconds"] = round(time.time() - t0, 1)
     return result
@@ -171,11 +178,12 @@ def sample_requests(config, labels: list[int], *, steps: int, cfg_scale: float, 
 
 @torch.no_grad()
 def generate(generator: nn.Module, tokenizer: nn.Module, classes: list[int], per_class: int, *, cfg_scale: float,
-             steps: int, sampler_name: str, batch_size: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+             steps: int, sampler_name: str, batch_size: int = 50, seed: int = 0,
+             desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 3, H, W) and labels (N,), ``per_class`` per class, seeds ``seed + i``; the sampler is
     ``get_sampler(sampler_name, config)`` fed the module itself. SiT / DiT / MAR latents are denormalised and
     decoded; MaskGIT / VAR codes go through the tokenizer's ``decode_codes`` (VAR's sampler also takes the
-    tokenizer, for its next-scale inputs)."""
+    tokenizer, for its next-scale inputs). A progress bar named ``desc`` when given."""
     from models.sampling import CODE_FAMILIES, get_sampler, output_shape, run_to_completion
 
     g = generator.config
@@ -186,19 +194,25 @@ def generate(generator: nn.Module, tokenizer: nn.Module, classes: list[int], per
     reqs = sample_requests(g, labels.tolist(), steps=steps, cfg_scale=cfg_scale, sampler_name=sampler_name,
                            seed=seed)
     out = []
-    for i in range(0, len(reqs), batch_size):
-        res = run_to_completion(sampler, generator, reqs[i : i + batch_size], shape)
-        if family in CODE_FAMILIES:
-            out.append(to_uint8(tokenizer.decode_codes(res.long())))
-        else:
-            out.append(to_uint8(tokenizer.decode(tokenizer.denormalize_latents(res.float()))))
+    with progress(total=len(reqs), desc=desc) as bar:
+        for i in range(0, len(reqs), batch_size):
+            res = run_to_completion(sampler, generator, reqs[i : i + batch_size], shape)
+            if family in CODE_FAMILIES:
+                out.append(to_uint8(tokenizer.decode_codes(res.long())))
+            else:
+                out.append(to_uint8(tokenizer.decode(tokenizer.denormalize_latents(res.float()))))
+            bar.update(len(out[-1]))
     return torch.cat(out), labels
 
 
-def classifier_accuracy(clf: EfficientNetLite0, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 50) -> float:
-    with torch.no_grad():
-        logits = torch.cat([clf.logits(to_float(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
-    return top1(logits, labels)
+def classifier_accuracy(clf: EfficientNetLite0, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 50,
+                        desc: str | None = None) -> float:
+    logits = []
+    with torch.no_grad(), progress(total=len(images), desc=desc) as bar:
+        for i in range(0, len(images), batch_size):
+            logits.append(clf.logits(to_float(images[i : i + batch_size])))
+            bar.update(len(logits[-1]))
+    return top1(torch.cat(logits), labels)
 
 
 def eval_generator(folder: str, *, tokenizer: str | None = None, per_class: int = 50, cfg_scales=(1.0,),
@@ -221,19 +235,21 @@ def eval_generator(folder: str, *, tokenizer: str | None = None, per_class: int 
         real = load_images(ref, size, classes=classes, max_images=ref_n)
     result: dict = {"model": str(folder), "classes": len(classes), "per_class": per_class, "steps": steps,
                     "sampler": sampler, "reference": {"source": ref, "n": len(real)},
-                    "classifier_top1_real": classifier_accuracy(clf, real.images, real.labels), "runs": []}
+                    "classifier_top1_real": classifier_accuracy(clf, real.images, real.labels,
+                                                                desc="classifying real images"), "runs": []}
     if floor_n and inception is not None:
         tr, tr_f = real_features(inception, floor_source, floor_n, size, cache_dir, classes=classes)
         result["fid_floor"] = {"source": floor_source, "n": len(tr), "fid": frechet_distance(FeatureStats.of(tr_f), ref_stats)}
     for s in cfg_scales:
         t1 = time.time()
         images, labels = generate(gen, tok, classes, per_class, cfg_scale=s, steps=steps, sampler_name=sampler,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, desc=f"sampling (cfg {s:g}, {steps} steps)")
         run = {"cfg_scale": s, "guidance_interval": [getattr(g, "guidance_low", 0.0), getattr(g, "guidance_high", 1.0)],
                "n": len(images)}
         if inception is not None:
-            run["gfid"] = frechet_distance(FeatureStats.of(inception.features(images)), ref_stats)
-        run["classifier_top1"] = classifier_accuracy(clf, images, labels)
+            run["gfid"] = frechet_distance(FeatureStats.of(inception.features(images, desc="Inception features (samples)")),
+                                           ref_stats)
+        run["classifier_top1"] = classifier_accuracy(clf, images, labels, desc="classifying samples")
         run["seconds"] = round(time.time() - t1, 1)
         result["runs"].append(run)
         if grid:

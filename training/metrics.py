@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from training.perceptual import package_file
+from training.progress import progress
 
 
 class InceptionFeatures:
@@ -30,13 +31,16 @@ class InceptionFeatures:
         self.net = torch.jit.load(str(path), map_location=self.device).eval()
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
+    def features(self, images: torch.Tensor, batch_size: int = 50, desc: str | None = None) -> torch.Tensor:
+        """A progress bar named ``desc`` when given."""
         out = []
-        for i in range(0, images.shape[0], batch_size):
-            x = images[i : i + batch_size].to(self.device).float()
-            if x.shape[-2:] != (299, 299):
-                x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            out.append(self.net((x - 128.0) / 128.0).double().cpu())
+        with progress(total=images.shape[0], desc=desc) as bar:
+            for i in range(0, images.shape[0], batch_size):
+                x = images[i : i + batch_size].to(self.device).float()
+                if x.shape[-2:] != (299, 299):
+                    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+                out.append(self.net((x - 128.0) / 128.0).double().cpu())
+                bar.update(x.shape[0])
         return torch.cat(out)
 
 
