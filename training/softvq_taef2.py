@@ -43,6 +43,7 @@ from training.latents import LatentStats
 from training.losses import TokenAligner, kl_from_losses
 from training.metrics import psnr
 from training.plots import plot_losses, save_grid
+from training.progress import note
 from training.trainer import Trainer, setup_run
 
 
@@ -178,6 +179,8 @@ def train_softvq_taef2(cfg: LatentTokenizerTrainConfig) -> Path:
     run = cfg.run
     device = setup_run(run)
     cache = open_feature_cache(cfg.cache)
+    note(f"feature cache {cfg.cache}: reading {min(len(cache), cfg.max_images or len(cache))} TAEF2 latents and "
+         "Lite0 features into memory")
     z_all, f_all, _ = _tensors(cache, cfg.max_images)
     model = build_model(cfg, cache).to(device)
     val = open_feature_cache(cfg.val_cache)
