@@ -50,7 +50,7 @@ from models.registry import get_config
 from training import config as C
 from training.config import DataConfig, OptimConfig, RunConfig, served_tokenizer_name
 from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
-from training.latents import weights_fingerprint
+from training.latents import encode_cached, weights_fingerprint
 from training.losses import reconstruction_loss
 from training.metrics import psnr
 from training.plots import plot_losses, save_grid
@@ -497,18 +497,13 @@ def prepare_codes(cfg: MaskGITTrainConfig, tokenizer: CODA, images: ImageSet, so
     d = cfg.data
     key = data_key(d, source, len(images), flip)
     full_key = json.dumps([weights_fingerprint(cfg.tokenizer), key])
-    if path.exists():
-        c = torch.load(path, weights_only=True)
-        if c.get("key") == full_key:
-            return ImageSet(c["codes"], c["labels"])
-    lat = cached_vae_latents(tokenizer, images, cfg.latent_cache or DEFAULT_LATENT_CACHE, key,
-                             batch_size=cfg.encode_batch_size, flip=flip, device=device)
-    codes = codes_of(tokenizer, lat.images.to(device)).cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": full_key, "codes": codes, "labels": lat.labels}, tmp)
-    os.replace(tmp, path)
-    return ImageSet(codes, lat.labels)
+
+    def encode() -> ImageSet:
+        lat = cached_vae_latents(tokenizer, images, cfg.latent_cache or DEFAULT_LATENT_CACHE, key,
+                                 batch_size=cfg.encode_batch_size, flip=flip, device=device)
+        return ImageSet(codes_of(tokenizer, lat.images.to(device)).cpu(), lat.labels)
+
+    return encode_cached(path, key=full_key, encode=encode, field="codes", dtype=None, what="code")
 
 
 def masked_loss(model: nn.Module, codes: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,

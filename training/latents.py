@@ -92,27 +92,29 @@ def weights_fingerprint(folder: str | os.PathLike[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def encode_cached(cache: str | os.PathLike[str], *, key: str, encode: Callable[[], ImageSet]) -> ImageSet:
+def encode_cached(cache: str | os.PathLike[str], *, key: str, encode: Callable[[], ImageSet], field: str = "tokens",
+                  dtype: torch.dtype | None = torch.float16, what: str = "latent") -> ImageSet:
     """Tokens and labels read from ``cache`` when it was written under the same ``key`` (one line says so), else
     ``encode()`` (which loads and encodes whatever it needs: nothing is loaded on a hit) written there as
-    ``{key, tokens (float16), labels}``. ``key`` names everything the tokens depend on: the tokenizer's weights
-    (:func:`weights_fingerprint`) and the data settings. The returned ``ImageSet.images`` holds the tokens."""
+    ``{key, <field> (as dtype), labels}``. ``key`` names everything the tokens depend on: the tokenizer's weights
+    (:func:`weights_fingerprint`) and the data settings. The returned ``ImageSet.images`` holds the tokens.
+    Also the code caches of MaskGIT and VAR (``field="codes"``, ``dtype=None``: integer codes kept as they are)."""
     cache = Path(cache)
     if cache.exists():
         t0 = time.time()
         d = torch.load(cache, weights_only=True)
-        if d.get("key") == key:
-            note(f"latent cache {cache}: reused ({len(d['labels'])} latents, same tokenizer and data; "
+        if d.get("key") == key and field in d:
+            note(f"{what} cache {cache}: reused ({len(d['labels'])} {what}s, same tokenizer and data; "
                  f"{time.time() - t0:.1f} s), nothing to encode")
-            return ImageSet(d["tokens"], d["labels"])
-        note(f"latent cache {cache}: made with another tokenizer or data selection; encoding again")
+            return ImageSet(d[field], d["labels"])
+        note(f"{what} cache {cache}: made with another tokenizer or data selection; encoding again")
     else:
-        note(f"latent cache {cache}: none yet; encoding")
+        note(f"{what} cache {cache}: none yet; encoding")
     out = encode()
-    tokens = out.images.half()
+    tokens = out.images if dtype is None else out.images.to(dtype)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
-    torch.save({"key": key, "tokens": tokens, "labels": out.labels}, tmp)
+    torch.save({"key": key, field: tokens, "labels": out.labels}, tmp)
     os.replace(tmp, cache)
-    note(f"latent cache {cache}: written ({len(out.labels)} latents)")
+    note(f"{what} cache {cache}: written ({len(out.labels)} {what}s)")
     return ImageSet(tokens, out.labels)

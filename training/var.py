@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,8 @@ from training import config as C
 from training.config import DataConfig, OptimConfig, RunConfig, served_tokenizer_name
 from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
 from training.discrete import CodeGeneratorTrainConfig, fit_and_export, held_out_loss
-from training.latents import weights_fingerprint
-from training.progress import note, progress
+from training.latents import encode_cached, weights_fingerprint
+from training.progress import progress
 from training.tokenizer import load_training_images
 from training.trainer import Trainer, setup_run
 
@@ -126,17 +125,8 @@ def cached_codes(cfg: VARTrainConfig, tokenizer: nn.Module, images: ImageSet, so
     d = cfg.data
     key = json.dumps([weights_fingerprint(cfg.tokenizer), source, d.num_classes, d.classes, len(images),
                       d.image_size, flip])
-    if path.exists():
-        c = torch.load(path, weights_only=True)
-        if c.get("key") == key:
-            note(f"code cache {path}: reused ({len(c['labels'])} codes), nothing to encode")
-            return ImageSet(c["codes"], c["labels"])
-    out = encode_codes(tokenizer, images, batch_size=cfg.encode_batch_size, device=device, flip=flip)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "codes": out.images, "labels": out.labels}, tmp)
-    os.replace(tmp, path)
-    return out
+    return encode_cached(path, key=key, field="codes", dtype=None, what="code", encode=lambda: encode_codes(
+        tokenizer, images, batch_size=cfg.encode_batch_size, device=device, flip=flip))
 
 
 def build_var(cfg: VARTrainConfig, tokenizer: nn.Module, trained_classes: list[int], ref: str) -> VAR:
