@@ -59,6 +59,9 @@ def build_figure(runs: Sequence[dict], *, p99_target_ms: float | None = None, ti
         )
     ax_tp.set_xlabel("throughput of the operation (successful req/s)")
     ax_tp.set_ylabel("latency (ms, log)")
+    top = max((o["throughput_rps"] for s in ordered for o in (s.get("by_op") or {}).values()), default=0.0)
+    if top > 0:  # throughput from zero: one run's operations are not spread over a tiny range
+        ax_tp.set_xlim(0, top * 1.1)
     ax_tp.set_yscale("log")
     ax_tp.set_title("latency percentiles per operation")
     ax_tp.grid(True, which="both", alpha=0.3)
