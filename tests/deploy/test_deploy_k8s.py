@@ -356,3 +356,14 @@ def test_gpu_overlay_puts_workers_on_gpus() -> None:
         w = container(find(other, "Deployment", "tokserve-worker"), "worker")
         assert "nvidia.com/gpu" not in w["resources"].get("limits", {})
         assert not w["image"].endswith(":gpu")
+
+
+def test_every_setting_named_exists(rendered: tuple[str, list[dict]]) -> None:
+    """Settings ignore unknown variables, so a misspelt TOKSERVE_* name in a manifest would do nothing."""
+    _, docs = rendered
+    fields = {f"TOKSERVE_{name.upper()}" for name in Settings.model_fields} | {"REDIS_URL"}
+    for name in ("tokserve-api", "tokserve-worker"):
+        deploy = find(docs, "Deployment", name)
+        for c in deploy["spec"]["template"]["spec"]["containers"]:
+            named = set(env_of(docs, deploy, c["name"]))
+            assert named <= fields, f"{name}/{c['name']}: unknown settings {sorted(named - fields)}"
