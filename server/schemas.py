@@ -274,7 +274,7 @@ class V2InferRequest(BaseModel):
     id: str | None = None
     parameters: dict[str, V2Parameter] | None = Field(None, description="the operation's parameters (seed, "
                                                       "cfg_scale, steps, ...) and binary_data_output")
-    inputs: list[V2InferInput]
+    inputs: list[V2InferInput] = Field(..., min_length=1)
     outputs: list[V2RequestedOutput] | None = None
 
 

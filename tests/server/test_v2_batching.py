@@ -15,11 +15,10 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as httpclient
 from PIL import Image
 from server_testkit import ThreadServer, real_jpegs
-
-httpclient = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException
 
 KEY = "v2-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}

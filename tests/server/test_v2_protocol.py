@@ -14,11 +14,10 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as httpclient
 from PIL import Image
 from server_testkit import RunningServer, png_bytes, real_jpegs, start_server
-
-httpclient = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException
 
 MODELS = "softvq-tiny-64,sit-tiny-64x32,imagefolder-tiny-64"
 TOK, GEN, DISCRETE = "softvq-tiny-64", "sit-tiny-64x32", "imagefolder-tiny-64"

@@ -10,12 +10,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import tritonclient.http as httpclient
+from tritonclient.http._utils import _get_inference_request
 
 from server import oip
 from server.errors import BadRequest, InvalidValue
-
-httpclient = pytest.importorskip("tritonclient.http")
-from tritonclient.http._utils import _get_inference_request  # noqa: E402
 
 LIMIT = 1 << 24
 
