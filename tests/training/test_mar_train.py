@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import models
+from models.hub import weights_sha256
 from models.sampling import run_to_completion
 from models.sampling.mar import MARSampler, MARSampleRequest, mar_loss
 from training.__main__ import main
@@ -55,7 +56,10 @@ def test_mar_trains_resumes_and_exports(run: tuple[Path, Path]) -> None:
 
     gen = models.load_pretrained(full / "export").float()
     cfg = json.loads((full / "export" / "config.json").read_text())
-    assert cfg["class_name"] == "MAR" and cfg["tokenizer"] == str(tok)
+    # the tokenizer as the server will name it (<parent>-tokenizer) and the sha256 of its weights, so the server
+    # pairs the MAR with the tokenizer it was trained on
+    assert cfg["class_name"] == "MAR" and cfg["tokenizer"] == f"{tok.parent.name}-tokenizer"
+    assert cfg["tokenizer_sha256"] == weights_sha256(tok)
     labels = torch.load(root / "latents.pt", weights_only=True)["labels"]
     assert list(gen.config.trained_classes) == sorted(set(labels.tolist())) and len(gen.config.trained_classes) == 2
 
