@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from server.deps import known_query, require_api_key
-from server.routes import decode, encode, generate, health, jobs, models
+from server.routes import classes, decode, encode, generate, health, jobs, models
 
 
 def api_router() -> APIRouter:
@@ -14,7 +14,7 @@ def api_router() -> APIRouter:
     root = APIRouter()
     protected = APIRouter(dependencies=[Depends(require_api_key), Depends(known_query)])
     public = APIRouter(dependencies=[Depends(known_query)])
-    for module in (encode, decode, generate, jobs, models):
+    for module in (encode, decode, generate, jobs, models, classes):
         protected.include_router(module.router)
     public.include_router(health.router)
     root.include_router(protected)
