@@ -10,7 +10,8 @@ that the page preprocesses the original exactly as the server does (``models.pre
 pixel) and shows the PSNR computed here from the same API answers; then it generates (an invalid request first, whose JSON error must be shown, then 2
 samples at 4 steps) and checks the grid's images render and that per-step progress was shown.
 
-Set ``TOKSERVE_PLAYGROUND_SCREENSHOT=docs/playground.png`` to save the README's screenshot from this run.
+Set ``TOKSERVE_PLAYGROUND_SCREENSHOT=docs/playground.png`` to save the README's screenshot from this run (after
+one more grid of 8 samples at the default steps).
 """
 
 from __future__ import annotations
@@ -248,7 +249,14 @@ def test_playground_in_headless_chromium(server: RunningServer, models: dict, tm
             assert errors == []
             outside = [u for u in requests if not u.startswith((server.url, "data:", "blob:"))]
             assert outside == [], outside
-            if os.environ.get("TOKSERVE_PLAYGROUND_SCREENSHOT"):
-                page.screenshot(path=os.environ["TOKSERVE_PLAYGROUND_SCREENSHOT"], full_page=True)
+            shot = os.environ.get("TOKSERVE_PLAYGROUND_SCREENSHOT")
+            if shot:  # the README's picture: a full grid at the generator's default steps
+                page.fill("#steps", str(gen["defaults"]["steps"]))
+                page.fill("#num-samples", "8")
+                page.fill("#seed", "0")
+                page.click("#gen-button")
+                page.wait_for_selector("#grid[data-state=running]", timeout=10_000)
+                page.wait_for_selector("#grid[data-state=done]", timeout=300_000)
+                page.screenshot(path=shot, full_page=True)
         finally:
             browser.close()
