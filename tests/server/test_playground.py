@@ -4,7 +4,7 @@
 The HTTP tests check what the page is made of (package files only, its CSP, the class names route). The
 browser test drives the page in headless Chromium from the system (Debian's ``chromium`` package) through
 playwright, with ``executable_path`` set to that browser (nothing is downloaded): it enters the API key after
-seeing the 401 shown in the page, uploads ``docs/examples/scene.png`` and a larger, elongated copy, and checks
+seeing the 401 shown in the page, uploads ``docs/examples/scene.png`` and drops a larger, elongated copy on the page, and checks
 that the reconstruction and the token heatmap render (pixels read back from canvases), the shape text, and
 that the page preprocesses the original exactly as the server does (``models.preprocess``, pixel for
 pixel) and shows the PSNR computed here from the same API answers; then it generates (an invalid request first, whose JSON error must be shown, then 2
@@ -16,6 +16,7 @@ one more grid of 8 samples at the default steps).
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -187,7 +188,13 @@ def test_playground_in_headless_chromium(server: RunningServer, models: dict, tm
             assert f"PSNR {want:.2f} dB" == page.inner_text("#psnr")
 
             # a larger elongated image: centre crop, then plain resize, computed in the page as the server does
-            page.set_input_files("#file-input", str(wide))
+            drop = page.evaluate_handle("""(b64) => {  // dropped on the drop zone this time
+              const bytes = Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
+              const dt = new DataTransfer();
+              dt.items.add(new File([bytes], 'wide.png', {type: 'image/png'}));
+              return dt;
+            }""", base64.b64encode(wide.read_bytes()).decode())
+            page.dispatch_event("#drop-zone", "drop", {"dataTransfer": drop})
             page.wait_for_selector("#recon-results[data-state=done]", timeout=120_000)
             for mode in ("center-crop", "resize"):
                 if mode == "resize":
