@@ -22,7 +22,9 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import torch
+from PIL import Image
 
+from models.preprocess import preprocess_image, to_model_input
 from server.codec_pool import LIGHT_COST
 from server.codecs import (
     images_to_tensor,
@@ -165,6 +167,34 @@ async def admit_encode(state: object, model: str, headers: Sequence[bytes]) -> A
         yield
 
 
+async def preprocess_arrays(state: object, model: str, image_size: int, arrays: Any, preprocess: str) -> torch.Tensor:
+    """Admit an encode of decoded pixels ``arrays`` (B, H, W, 3) uint8 on ``model``: the same pixel limits
+    (413) and capacity / decode budget (429) as image files, then preprocess them in the codec pool exactly as
+    decoded files are (:func:`models.preprocess.preprocess_image`): (B, 3, S, S) float32 in [-1, 1]."""
+    from server.state import AppState
+
+    assert isinstance(state, AppState)
+    s = state.settings
+    queue = state.check_ready()
+    _, h, w, _ = arrays.shape
+    if h * w > s.max_image_pixels:
+        raise PayloadTooLarge(f"images of {w}x{h} = {h * w} pixels; the limit is {s.max_image_pixels}")
+    total = len(arrays) * h * w
+    if total > s.max_request_pixels:
+        raise PayloadTooLarge(f"the request's images hold {total} pixels; the limit is {s.max_request_pixels} per "
+                              "request")
+    if preprocess == "center-crop" and image_size * image_size * max(w, h) > s.max_image_pixels * min(w, h):
+        raise PayloadTooLarge(f"images of {w}x{h} are too elongated for center-crop at {image_size}: the scaled "
+                              f"copy would exceed {s.max_image_pixels} pixels (use preprocess=resize)")
+    kind = job_kind("encode", model)
+    with state.admission.admit(kind, queue.depths().get(kind, 0), total):
+        return await state.codec_pool.run(3 * total, _preprocess_arrays, arrays, image_size, preprocess)  # type: ignore[union-attr]
+
+
+def _preprocess_arrays(arrays: Any, image_size: int, preprocess: str) -> torch.Tensor:
+    return to_model_input([preprocess_image(Image.fromarray(a), image_size, preprocess) for a in arrays])
+
+
 async def _decode(state: Any, blobs: Sequence[bytes], image_size: int, preprocess: str) -> torch.Tensor:
     s = state.settings
     cost = 3 * sum(state.admission.pixels_of(blobs))
@@ -192,8 +222,10 @@ async def decode_raw_image(state: object, model: str, image_size: int, request: 
 
 
 def _tokens(kind: str, raw: Any, spec: ModelSpec, max_rows: int) -> torch.Tensor:
-    if kind == "json":
-        arr: Any = tensor_from_json(raw)
+    if kind == "array":  # already parsed (Open Inference Protocol tensors)
+        arr: Any = raw
+    elif kind == "json":
+        arr = tensor_from_json(raw)
     elif kind == "npy":
         arr = tensor_from_npy(raw)
     else:
@@ -204,7 +236,8 @@ def _tokens(kind: str, raw: Any, spec: ModelSpec, max_rows: int) -> torch.Tensor
 
 async def parse_tokens(state: object, spec: ModelSpec, kind: str, raw: Any) -> torch.Tensor:
     """Admit a decode on ``spec`` (429 before parsing when its queue is full), then parse and validate the
-    tokens (``kind``: ``json`` (the tensor fields of a JSON body), ``npy`` or ``safetensors`` bytes) in the
+    tokens (``kind``: ``json`` (the tensor fields of a JSON body), ``npy`` or ``safetensors`` bytes, or a parsed
+    ``array``) in the
     codec pool: the (B, *token shape) tensor the worker decodes."""
     from server.state import AppState
 
@@ -212,7 +245,7 @@ async def parse_tokens(state: object, spec: ModelSpec, kind: str, raw: Any) -> t
     queue = state.check_ready()
     job = job_kind("decode", spec.name)
     data = raw.get("data") if isinstance(raw, dict) else raw
-    cost = 8 * len(data) if isinstance(data, list | bytes) else 0
+    cost = 8 * len(data) if isinstance(data, list | bytes) else int(getattr(data, "nbytes", 0))
     with state.admission.admit(job, queue.depths().get(job, 0)):
         return await state.codec_pool.run(cost, _tokens, kind, raw, spec,  # type: ignore[union-attr]
                                           state.settings.max_images_per_request)

@@ -41,6 +41,7 @@ from server.schemas import (
     EncodeJSONRequest,
     GenerateParams,
     TensorJSON,
+    V2InferRequest,
 )
 from server.settings import Settings
 from server.state import AppState
@@ -115,7 +116,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (TensorJSON, EncodeJSONRequest, DecodeJSONRequest, DecodeImagesResponse, GenerateParams):
+    for model in (TensorJSON, EncodeJSONRequest, DecodeJSONRequest, DecodeImagesResponse, GenerateParams,
+                  V2InferRequest):
         s = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(s.pop("$defs", {}))
         components[model.__name__] = s

@@ -233,7 +233,7 @@ def tensor_from_json(obj: Any) -> np.ndarray:
     if dtype in INT_DTYPES:
         if not np.all(np.isfinite(flat)) or np.any(flat != np.round(flat)):
             raise InvalidValue(f"dtype {dtype} needs integer data")
-        _check_int_range(flat, np.dtype(dtype))
+        check_int_range(flat, np.dtype(dtype))
         return flat.astype(dtype).reshape(shape)
     if dtype == "bfloat16":
         dtype = "float32"
@@ -241,7 +241,7 @@ def tensor_from_json(obj: Any) -> np.ndarray:
         return flat.astype(dtype).reshape(shape)
 
 
-def _check_int_range(values: np.ndarray, dtype: np.dtype) -> None:
+def check_int_range(values: np.ndarray, dtype: np.dtype) -> None:
     """Integers (held as float64) must fit ``dtype``: out-of-range values are refused, never wrapped."""
     if not values.size:
         return

@@ -119,6 +119,19 @@ def error_body(type_: str, message: str, request_id: str) -> dict[str, Any]:
     return {"error": {"type": type_, "message": message, "request_id": request_id}}
 
 
+V2_PREFIX = "/v2"  # the Open Inference Protocol routes: their errors are {"error": "<message>"}
+
+
+def is_v2(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def v2_error_body(message: str) -> dict[str, Any]:
+    """The error body of the Open Inference Protocol (KServe v2): ``{"error": "<message>"}``; the status comes
+    from the same table, the request id from the ``x-request-id`` header."""
+    return {"error": message}
+
+
 def to_wire(exc: BaseException) -> dict[str, str]:
     """A job error as plain data for any queue backend. Unknown exceptions become ``model_error``."""
     if isinstance(exc, TokservError):

@@ -3,7 +3,8 @@ metrics, and a JSON 500 (with the request id) for anything unexpected.
 
 Routes report their queue / compute time and model through ``scope["state"]`` (``request.state``):
 ``queue_ms``, ``compute_ms``, ``model``; this layer turns them into ``x-queue-time`` / ``x-compute-time`` /
-``x-model``.
+``x-model``. A route whose operation is not the last part of its path (``POST /v2/models/{name}/infer``) names
+it in ``op`` (encode, decode, generate) for the metrics.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import PayloadTooLarge, error_body
+from server.errors import PayloadTooLarge, error_body, is_v2, v2_error_body
 from server.metrics import Metrics
 
 log = logging.getLogger("tokserve.http")
@@ -49,7 +50,9 @@ class RequestContext:
         rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = rid
-        op = op_of(scope.get("path", ""))
+        path = scope.get("path", "")
+        op = op_of(path)
+        v2 = is_v2(path)
         started = {"status": 0}
 
         async def send_with_headers(message: Message) -> None:
@@ -71,7 +74,7 @@ class RequestContext:
         try:
             if length > self.max_body_bytes:
                 await self._error(send_with_headers, 413, "payload_too_large",
-                                  f"body of {length} bytes; the limit is {self.max_body_bytes}", rid)
+                                  f"body of {length} bytes; the limit is {self.max_body_bytes}", rid, v2)
             else:
                 await self.app(scope, self._limited(receive), send_with_headers)
         except ClientDisconnect:  # the client went away mid-request: nobody to answer, not a server error
@@ -81,9 +84,10 @@ class RequestContext:
             log.exception("request %s: unhandled %s", rid, type(e).__name__)
             if not started["status"]:
                 await self._error(send_with_headers, 500, "internal_error", f"internal error ({type(e).__name__})",
-                                  rid)
+                                  rid, v2)
         finally:
             status = str(started["status"] or 500)
+            op = state.get("op") or op
             self.metrics.requests.labels(op, status).inc()
             if op in ("encode", "decode", "generate"):
                 model = state.get("model", "")
@@ -105,8 +109,8 @@ class RequestContext:
         return limited
 
     @staticmethod
-    async def _error(send: Send, status: int, type_: str, message: str, rid: str) -> None:
-        body = json.dumps(error_body(type_, message, rid)).encode()
+    async def _error(send: Send, status: int, type_: str, message: str, rid: str, v2: bool = False) -> None:
+        body = json.dumps(v2_error_body(message) if v2 else error_body(type_, message, rid)).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

@@ -219,3 +219,92 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         504: "deadline passed",
     }.items()
 }
+
+
+# ---------------------------------------------------------------------------------------------- Open Inference
+# Protocol (KServe v2) under /v2: documentation of its JSON forms (the routes read and write them by hand).
+
+V2Parameter = str | int | float | bool
+
+
+class V2Error(BaseModel):
+    """Every error under ``/v2`` (the protocol's form); the status comes from the same table as ``/v1``."""
+
+    error: str
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Live(BaseModel):
+    live: bool
+
+
+class V2Ready(BaseModel):
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str = Field(..., examples=["UINT8"])
+    shape: list[int] = Field(..., description="-1: a variable dimension", examples=[[-1, -1, -1, 3]])
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2InferInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, V2Parameter] | None = Field(None, description="binary_data_size: the tensor's bytes "
+                                                      "in the binary part of the body")
+    data: list[Any] | None = Field(None, description="row-major, flat or nested (absent with binary_data_size)")
+
+
+class V2RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, V2Parameter] | None = Field(None, description="binary_data: true puts the output in "
+                                                      "the binary part of the answer")
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, V2Parameter] | None = Field(None, description="the operation's parameters (seed, "
+                                                      "cfg_scale, steps, ...) and binary_data_output")
+    inputs: list[V2InferInput] = Field(..., min_length=1)
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, V2Parameter] | None = None
+    data: list[Any] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    id: str | None = None
+    parameters: dict[str, V2Parameter] | None = None
+    outputs: list[V2InferOutput]
+
+
+V2_ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    code: {"model": V2Error, "description": str(spec["description"])} for code, spec in ERROR_RESPONSES.items()
+}

@@ -69,7 +69,70 @@ def test_summary_statistics() -> None:
     assert s["throughput_rps"] == pytest.approx(600.0) and s["images_per_s"] == pytest.approx(1200.0)
     assert s["queue_ms"]["mean"] == 1.0 and s["compute_ms"]["p50"] == 3.0
     assert s["by_op"]["generate"]["ok"] == 0 and s["by_op"]["encode"]["requests"] == 300
+    gen, enc = s["by_op"]["generate"], s["by_op"]["encode"]
+    assert gen["errors"] == {"429": 1, "timeout": 1} and gen["error_rate"] == 1.0 and gen["latencies_ms"] == []
+    assert enc["errors"] == {} and enc["error_rate"] == 0.0
+    assert enc["latencies_ms"] == pytest.approx(sorted(lat * 1e3))
+    assert enc["latency_ms"]["p99"] == pytest.approx(np.percentile(lat * 1e3, 99))
+    assert enc["server_total_ms"]["mean"] == 4.0
     assert distribution([])["p50"] is None
+
+
+def _mixed_summary(rates: tuple[float, ...] = (0.0,)) -> list[dict]:
+    """Runs where encode answers in ~10-20 ms and generate in ~2-4 s (the real ratio is larger still)."""
+    rng = np.random.default_rng(1)
+    runs = []
+    for rate in rates:
+        recs = [RequestRecord("encode", 0.0, float(t), 200, 1) for t in rng.uniform(0.01, 0.02, 60)]
+        recs += [RequestRecord("decode", 0.0, float(t), 200, 1) for t in rng.uniform(0.02, 0.04, 30)]
+        recs += [RequestRecord("generate", 0.0, float(t), 200, 1) for t in rng.uniform(2.0, 4.0, 10)]
+        label = {"mode": "open", "rate": rate} if rate else {"mode": "closed", "concurrency": 8}
+        runs.append(summarise(recs, started=0.0, label=label))
+    return runs
+
+
+def test_plot_has_a_series_per_operation(tmp_path: Path) -> None:
+    """The PNG shows each operation apart: percentile lines, a CDF and throughput bars per operation, with
+    the plotted values being that operation's own statistics (not the merged run's)."""
+    from tokserve._bench_plot import build_figure, plot_report
+
+    runs = _mixed_summary()
+    fig = build_figure(runs, p99_target_ms=1000.0)
+    ax_tp, ax_cdf, ax_bar = fig.axes
+    lines = {ln.get_label(): ln for ln in ax_tp.lines}
+    for op in ("encode", "decode", "generate"):
+        for key in ("p50", "p90", "p99"):
+            x, y = lines[f"{op} {key}"].get_data()
+            assert y[0] == pytest.approx(runs[0]["by_op"][op]["latency_ms"][key])
+            assert x[0] == pytest.approx(runs[0]["by_op"][op]["throughput_rps"])
+    assert ax_tp.get_yscale() == "log" and "p99 target 1000 ms" in lines
+    cdfs = {ln.get_label().split(" ")[0]: ln for ln in ax_cdf.lines}
+    assert set(cdfs) == {"encode", "decode", "generate"}
+    assert max(cdfs["encode"].get_xdata()) < 25 < 2000 < min(cdfs["generate"].get_xdata())
+    assert len(cdfs["decode"].get_xdata()) == 30
+    bars = {c.get_label(): [p.get_height() for p in c.patches] for c in ax_bar.containers}
+    assert bars["generate"] == [pytest.approx(runs[0]["by_op"]["generate"]["throughput_rps"])]
+    assert sum(h[0] for h in bars.values()) == pytest.approx(runs[0]["throughput_rps"])
+
+    sweep = _mixed_summary((20.0, 5.0, 10.0))  # plotted in offered-load order, one point per run
+    ax_tp = build_figure(sweep).axes[0]
+    x, _ = {ln.get_label(): ln for ln in ax_tp.lines}["generate p50"].get_data()
+    by_rate = sorted(sweep, key=lambda s: s["rate"])
+    assert list(x) == pytest.approx([s["by_op"]["generate"]["throughput_rps"] for s in by_rate])
+    path = plot_report(sweep, tmp_path / "p.png", title="t")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == (1600, 500)
+
+
+def test_table_lists_operations_under_each_run() -> None:
+    from tokserve._bench_stats import format_table
+
+    runs = _mixed_summary()
+    plain = format_table(runs).splitlines()
+    table = format_table(runs, by_op=True).splitlines()
+    assert len(plain) == 3 and table[:3] == plain
+    assert [ln.split()[0] for ln in table[3:]] == ["encode", "decode", "generate"]
+    assert table[5].split()[1:3] == ["10", "10"]  # generate: 10 requests, 10 ok
 
 
 def test_find_max_rate_doubles_then_bisects() -> None:
@@ -107,6 +170,10 @@ def _check_outputs(json_path: Path, png_path: Path) -> dict:
     for run in report["runs"]:
         for key in ("throughput_rps", "images_per_s", "latency_ms", "queue_ms", "compute_ms", "errors"):
             assert key in run
+            for op in run["by_op"].values():
+                assert key in op
+        assert sum(op["throughput_rps"] for op in run["by_op"].values()) == pytest.approx(run["throughput_rps"])
+        assert sum(len(op["latencies_ms"]) for op in run["by_op"].values()) == run["ok"]
     return report
 
 
@@ -174,6 +241,8 @@ def test_bench_cli_sweep_writes_json_and_png(fake_tokserve: ScriptedServer, tmp_
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "highest rate with p99 <= 5000 ms: 20 req/s" in out.stdout
+    op_rows = [ln.split()[0] for ln in out.stdout.splitlines() if ln.startswith("  ")]
+    assert op_rows == ["encode", "generate"] * 2  # one row per operation under each of the two runs
     report = _check_outputs(tmp_path / "sw.json", tmp_path / "sw.png")
     assert report["sweep"]["best_rate"] == 20.0 and report["sweep"]["rates"] == [10.0, 20.0]
     assert report["url"] == fake_tokserve.url

@@ -1,9 +1,9 @@
 """Every fenced ``bash`` / ``sh`` / ``python`` block of the user-facing Markdown, run as written.
 
 The blocks run against one live server with the shipped default models (``weights/default/*``), each in a
-fresh folder that mirrors the repository root (``weights``, ``configs`` and ``docs/examples`` as links, the
-rest of ``docs`` copied, ``../shared`` linked), so relative paths in the docs work and nothing writes into
-the checkout. bash blocks run with ``bash -euo pipefail``, python blocks with this interpreter; the
+fresh folder that mirrors the repository root (``weights``, ``configs``, ``deploy`` and ``docs/examples`` as
+links, the rest of ``docs`` copied, ``../shared`` linked), so relative paths in the docs work and nothing
+writes into the checkout. bash blocks run with ``bash -euo pipefail``, python blocks with this interpreter; the
 project's virtual environment is first on ``PATH``. The documented server address
 (``http://127.0.0.1:8000``, ``localhost:8000``) is replaced by the test server's, and ``TOKSERVE_URL`` points
 at it.
@@ -208,14 +208,15 @@ def shared_dir() -> Path | None:
 
 def make_workspace(root: Path) -> Path:
     """``root/repo``: what a block sees as the repository root. Read-only inputs are links (weights,
-    configs, docs/examples), ``docs`` itself is a copy (a block may rewrite its figures), and ``root/shared``
-    links the shared data so that ``../shared/...`` resolves as in a checkout."""
+    configs, deploy, docs/examples), ``docs`` itself is a copy (a block may rewrite its figures), and
+    ``root/shared`` links the shared data so that ``../shared/...`` resolves as in a checkout."""
     work = root / "repo"
     work.mkdir(parents=True)
     (work / "weights").mkdir()
     for sub in (REPO / "weights").iterdir():
         (work / "weights" / sub.name).symlink_to(sub)
     (work / "configs").symlink_to(REPO / "configs")
+    (work / "deploy").symlink_to(REPO / "deploy")
     shutil.copytree(REPO / "docs", work / "docs", ignore=shutil.ignore_patterns("examples"))
     (work / "docs" / "examples").symlink_to(REPO / "docs" / "examples")
     shared = shared_dir()

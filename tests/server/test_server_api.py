@@ -256,7 +256,9 @@ def test_404_unknown_model_and_route(client: httpx.Client, jpegs: list[bytes]) -
            404, "not_found", r"unknown tokenizer 'nope'.*softvq-tiny-64")
     _error(client.post("/v1/generate", json={"class": 1, "model": "softvq-tiny-64"}), 404, "not_found",
            "unknown generator")
-    _error(client.get("/v2/everything"), 404, "not_found", "no route")
+    _error(client.get("/v3/everything"), 404, "not_found", "no route")
+    v2 = client.get("/v2/everything")  # under /v2 (Open Inference Protocol): the protocol's error form
+    assert v2.status_code == 404 and v2.json() == {"error": "no route GET /v2/everything"}
 
 
 def test_415_unsupported_content(client: httpx.Client) -> None:

@@ -49,6 +49,8 @@ def narrowed(spec: dict[str, Any], client: httpx.Client) -> dict[str, Any]:
     tokenizers = [m["name"] for m in models["models"] if m["kind"] == "tokenizer"]
     generators = [m for m in models["models"] if m["kind"] == "generator"]
     classes = sorted({c for g in generators for c in g["classes"][:5]})
+    v2_models = sorted([f"{t}.{op}" for t in tokenizers for op in ("encode", "decode")]
+                       + [g["name"] for g in generators])
     images = [base64.b64encode(data).decode() for data, _ in real_jpegs(3)]
     enc = client.post("/v1/encode", json={"image": images[0]}).json()
     tensor = {"shape": enc["shape"], "dtype": "float32", "data": enc["data"]}
@@ -86,6 +88,23 @@ def narrowed(spec: dict[str, Any], client: httpx.Client) -> dict[str, Any]:
                 param["schema"] = {"enum": ["-100", "0", "7", "+100"]}
             elif name in ("last-event-id", "after"):
                 param["schema"] = {"enum": ["1", "2"]}  # in-process event ids
+            elif where == "path" and name == "name" and path.startswith("/v2/models/"):
+                param["schema"] = {"enum": v2_models}  # Open Inference Protocol model names
+    # Open Inference Protocol: one real input tensor of each kind (the model name decides which fit)
+    v2 = schemas["V2InferRequest"]["properties"]
+    v2["inputs"] = {"type": "array", "minItems": 1, "maxItems": 1, "items": {"enum": [
+        {"name": "IMAGE", "datatype": "UINT8", "shape": [1, 2, 2, 3], "data": list(range(12))},
+        {"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": [1], "data": [images[0]]},
+        {"name": "TOKENS", "datatype": "FP32", "shape": enc["shape"], "data": enc["data"]},
+        {"name": "CLASS", "datatype": "INT64", "shape": [1], "data": [classes[0]]}]}}
+    v2["parameters"] = {"type": "object", "additionalProperties": False, "properties": {
+        "steps": {"enum": [1, 2]}, "seed": {"type": "integer", "minimum": 0, "maximum": 2**31},
+        "binary_data_output": {"type": "boolean"}}}
+    v2["outputs"] = {"type": "array", "maxItems": 2, "items": {"type": "object", "required": ["name"],
+                     "additionalProperties": False, "properties": {
+                         "name": {"enum": ["IMAGE", "IMAGE_BYTES", "TOKENS"]},
+                         "parameters": {"type": "object", "additionalProperties": False,
+                                        "properties": {"binary_data": {"type": "boolean"}}}}}}
     # a job is the body of a synchronous route plus its op
     op_bodies = []
     for op, ref, extra in (("encode", "EncodeJSONRequest", {}), ("decode", "DecodeJSONRequest", {}),
@@ -113,6 +132,22 @@ class _Tally:
         self.cases = 0
 
 
+def _error_of(response: Any) -> tuple[str | None, str]:
+    """(type, message) of an error body: ``{"error": {"type", "message", ...}}``, or the Open Inference
+    Protocol's ``{"error": "<message>"}`` (``/v2``), which carries no type: its 503 / 504 count as an allowed
+    kind of that status (its routes raise the same errors), any other 5xx still fails."""
+    try:
+        err = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return None, ""
+    if isinstance(err, str):
+        allowed = sorted(ALLOWED_5XX.get(response.status_code, ()))
+        return (allowed[0] if allowed else None), err
+    if isinstance(err, dict):
+        return err.get("type"), str(err.get("message", ""))
+    return None, ""
+
+
 CHECKS = [response_schema_conformance, status_code_conformance, content_type_conformance]
 
 
@@ -129,12 +164,9 @@ def _fuzz(op: Any, mode: GenerationMode, url: str, tally: _Tally) -> None:
         tally.statuses[response.status_code] += 1
         tally.per_op[where][response.status_code] += 1
         if response.status_code == 422 and mode == GenerationMode.POSITIVE and len(tally.samples[where]) < 3:
-            tally.samples[where].append(response.json()["error"]["message"][:120])
+            tally.samples[where].append(_error_of(response)[1][:120])
         if response.status_code >= 500:
-            try:
-                kind = response.json()["error"]["type"]
-            except (ValueError, KeyError, TypeError):
-                kind = None
+            kind, _ = _error_of(response)
             if kind not in ALLOWED_5XX.get(response.status_code, ()):
                 tally.failures.append(f"{where}: {response.status_code} {response.text[:300]}\n"
                                       f"  {case.as_curl_command()[:600]}")

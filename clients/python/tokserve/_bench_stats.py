@@ -84,36 +84,62 @@ def summarise(
     )
     for op in sorted({r.op for r in records}):
         mine = [r for r in records if r.op == op]
-        mine_ok = [r for r in mine if r.ok]
-        summary["by_op"][op] = {
-            "requests": len(mine),
-            "ok": len(mine_ok),
-            "throughput_rps": len(mine_ok) / wall,
-            "images_per_s": sum(r.images for r in mine_ok) / wall,
-            "latency_ms": distribution([r.latency_s * 1e3 for r in mine_ok]),
-            "queue_ms": distribution([r.queue_ms for r in mine_ok if r.queue_ms is not None]),
-            "compute_ms": distribution([r.compute_ms for r in mine_ok if r.compute_ms is not None]),
-        }
+        summary["by_op"][op] = _op_summary(mine, wall)
     summary["latencies_ms"] = sorted(r.latency_s * 1e3 for r in ok)
     return summary
 
 
-def format_table(summaries: Sequence[dict]) -> str:
-    """A plain-text table of summaries, one line each."""
+def _op_summary(mine: Sequence[RequestRecord], wall: float) -> dict[str, Any]:
+    """The stats of one operation's requests, over the run's whole wall time (so the operations' throughputs
+    add up to the run's), with its own sorted latencies for the per-operation plot."""
+    mine_ok = [r for r in mine if r.ok]
+    errors = Counter(str(r.status) for r in mine if not r.ok)
+    return {
+        "requests": len(mine),
+        "ok": len(mine_ok),
+        "error_rate": (len(mine) - len(mine_ok)) / len(mine) if mine else 0.0,
+        "errors": dict(sorted(errors.items())),
+        "throughput_rps": len(mine_ok) / wall,
+        "images_per_s": sum(r.images for r in mine_ok) / wall,
+        "latency_ms": distribution([r.latency_s * 1e3 for r in mine_ok]),
+        "queue_ms": distribution([r.queue_ms for r in mine_ok if r.queue_ms is not None]),
+        "compute_ms": distribution([r.compute_ms for r in mine_ok if r.compute_ms is not None]),
+        "server_total_ms": distribution([r.total_ms for r in mine_ok if r.total_ms is not None]),
+        "latencies_ms": sorted(r.latency_s * 1e3 for r in mine_ok),
+    }
+
+
+def format_table(summaries: Sequence[dict], *, by_op: bool = False) -> str:
+    """A plain-text table of summaries, one line each; with ``by_op``, one more line per operation under
+    each run (``  encode`` ...), when the run mixed several."""
     head = (
         f"{'run':<18}{'req':>6}{'ok':>6}{'req/s':>9}{'img/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
         f"{'max ms':>9}{'queue ms':>10}{'compute':>9}  errors"
     )
     lines = [head, "-" * len(head)]
     for s in summaries:
-        lat, q, c = s["latency_ms"], s["queue_ms"], s["compute_ms"]
-        errs = ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "-"
-        lines.append(
-            f"{_run_name(s):<18}{s['requests']:>6}{s['ok']:>6}{s['throughput_rps']:>9.2f}{s['images_per_s']:>9.2f}"
-            f"{_f(lat['p50'])}{_f(lat['p90'])}{_f(lat['p99'])}{_f(lat['max'])}{_f(q['mean'], 10)}"
-            f"{_f(c['mean'])}  {errs}"
-        )
+        lines.append(_row(_run_name(s), s))
+        ops = s.get("by_op") or {}
+        if by_op and len(ops) > 1:
+            lines += [_row(f"  {op}", ops[op]) for op in sorted(ops, key=op_order)]
     return "\n".join(lines)
+
+
+OP_ORDER = ("encode", "decode", "generate")
+
+
+def op_order(op: str) -> tuple[int, str]:
+    return (OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER), op)
+
+
+def _row(name: str, s: dict) -> str:
+    lat, q, c = s["latency_ms"], s["queue_ms"], s["compute_ms"]
+    errs = ", ".join(f"{k}: {v}" for k, v in s.get("errors", {}).items()) or "-"
+    return (
+        f"{name:<18}{s['requests']:>6}{s['ok']:>6}{s['throughput_rps']:>9.2f}{s['images_per_s']:>9.2f}"
+        f"{_f(lat['p50'])}{_f(lat['p90'])}{_f(lat['p99'])}{_f(lat['max'])}{_f(q['mean'], 10)}"
+        f"{_f(c['mean'])}  {errs}"
+    )
 
 
 def _run_name(s: dict) -> str:

@@ -89,7 +89,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     json_path, png_path = write_report(
         report, out / f"{stem}.json", None if args.no_plot else out / f"{stem}.png"
     )
-    print(format_table(report["runs"]))
+    print(format_table(report["runs"], by_op=True))
     if report["sweep"] is not None:
         best = report["sweep"]["best_rate"]
         target = report["sweep"]["p99_target_ms"]
