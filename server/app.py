@@ -32,6 +32,7 @@ from server.engine.specs import resolve_models
 from server.handlers import install_handlers
 from server.metrics import Metrics, gpu_memory
 from server.middleware import RequestContext
+from server.playground import install_playground
 from server.queue import create_queue
 from server.routes import api_router
 from server.schemas import (
@@ -143,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     _serve_docs(app)
+    install_playground(app)
     return app
 
 

@@ -129,6 +129,16 @@ class ModelsResponse(BaseModel):
     default_generator: str | None
 
 
+class ClassName(BaseModel):
+    id: int = Field(..., description="ImageNet-1k class id (0..999)")
+    name: str
+
+
+class ClassesResponse(BaseModel):
+    classes: list[ClassName] = Field(..., description="the 1,000 ImageNet-1k classes in id order")
+    source: str = Field(..., description="where the names come from")
+
+
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 
 

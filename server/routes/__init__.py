@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from server.deps import known_query, require_api_key
-from server.routes import decode, encode, generate, health, jobs, models, v2
+from server.routes import classes, decode, encode, generate, health, jobs, models, v2
 
 
 def api_router() -> APIRouter:
@@ -15,7 +15,7 @@ def api_router() -> APIRouter:
     root = APIRouter()
     protected = APIRouter(dependencies=[Depends(require_api_key), Depends(known_query)])
     public = APIRouter(dependencies=[Depends(known_query)])
-    for module in (encode, decode, generate, jobs, models, v2):
+    for module in (encode, decode, generate, jobs, models, classes, v2):
         protected.include_router(module.router)
     public.include_router(health.router)
     public.include_router(v2.public)
