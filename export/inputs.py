@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from export.parts import PartSpec
+from models.latent_norm import normalize_latents
 
 DATA_ENV = "TOKSERVE_DATA_DIR"
 VALIDATION = "tiny-imagenet-64/validation-00000-of-00001.parquet"
@@ -37,7 +38,7 @@ def real_images(n: int, size: int, path: str | os.PathLike[str] | None = None) -
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from models.preprocess import center_crop_arr  # the preprocessing the server uses
+    from models.preprocess import center_crop_arr, to_model_input  # the preprocessing the server uses
 
     p = Path(path) if path is not None else data_dir() / VALIDATION
     if not p.exists():
@@ -45,8 +46,7 @@ def real_images(n: int, size: int, path: str | os.PathLike[str] | None = None) -
     table = pq.ParquetFile(str(p)).read_row_group(0, columns=["image"])
     blobs = table.column("image").combine_chunks().field("bytes").to_pylist()[:n]
     arrs = [center_crop_arr(Image.open(io.BytesIO(blob)).convert("RGB"), size) for blob in blobs]
-    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
+    return to_model_input(np.stack(arrs))
 
 
 def random_inputs(spec: PartSpec, facts: dict[str, Any], batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -81,7 +81,7 @@ def noised_latents(tokens: torch.Tensor, facts: dict[str, Any], tok_facts: dict[
     noise at a random time (linear path), with random classes. Returns (x, t, y)."""
     g = torch.Generator().manual_seed(seed)
     b = tokens.shape[0]
-    z = (tokens - tok_facts["vq_mean"]) / tok_facts["vq_std"]
+    z = normalize_latents(tokens, tok_facts["vq_mean"], tok_facts["vq_std"])
     u = torch.rand(b, generator=g)
     x = (1 - u.view(-1, 1, 1)) * z + u.view(-1, 1, 1) * torch.randn(z.shape, generator=g)
     t = (u * facts.get("time_scale", 1.0)).float()

@@ -54,23 +54,38 @@ def preprocess_image(pil_image: Image.Image, image_size: int, mode: str = "cente
     raise ValueError(f"unknown preprocessing {mode!r}; use one of {PREPROCESS_MODES}")
 
 
+def uint8_to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 (B, 3, H, W) in [-1, 1]: ToTensor then Normalize(0.5, 0.5), i.e.
+    ``(x / 255 - 0.5) / 0.5`` (FORMATS.md 1.5). The one definition used by serving and training."""
+    return images.float().div(255.0).sub(0.5).div(0.5)  # not in place: a float input is not copied by .float()
+
+
 def to_model_input(arrays: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-    """(H, W, 3) or (B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+    """(H, W, 3) or (B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1] (:func:`uint8_to_float`)."""
     arr = np.stack(list(arrays)) if not isinstance(arrays, np.ndarray) else arrays
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"expected (B, H, W, 3) uint8, got {arr.shape} {arr.dtype}")
     arr = np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()  # torch wants writable memory
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
-    return x.sub_(0.5).div_(0.5)
+    return uint8_to_float(torch.from_numpy(arr).permute(0, 3, 1, 2))
+
+
+def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float images in about [-1, 1] -> (B, 3, H, W) uint8 on the same device.
+
+    The one pixel convention of the project (training, evaluation, serving, export parity): clamp
+    ``round((x + 1) * 127.5)`` to [0, 255], with ``torch.round`` (round half to even). The official evaluation
+    maps ``(x + 1) / 2``, clips and rounds the same way (FORMATS-MAR-XQV.md 1.6); the model-card PSNR is
+    therefore measured on the pixels the server returns.
+    """
+    return images.detach().float().add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float images in about [-1, 1] -> (B, H, W, 3) uint8 (clamp(127.5 x + 128) then
-    truncate, the DiT / SiT sample-saving convention)."""
-    x = images.detach().float().cpu()
-    return x.mul(127.5).add_(128.0).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    """(B, 3, H, W) float images in about [-1, 1] -> (B, H, W, 3) uint8 numpy: :func:`to_uint8_nchw`,
+    moved to the CPU and laid out channel-last for image files."""
+    return to_uint8_nchw(images).cpu().permute(0, 2, 3, 1).contiguous().numpy()
 
 
 __all__ = [
@@ -81,4 +96,6 @@ __all__ = [
     "resize_arr",
     "to_model_input",
     "to_uint8",
+    "to_uint8_nchw",
+    "uint8_to_float",
 ]

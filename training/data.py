@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.preprocess import center_crop_arr  # the one shared implementation (serving preprocesses alike)
+from models.preprocess import center_crop_arr, to_uint8_nchw, uint8_to_float  # shared with serving
 from training.progress import progress
 
 DATA_ROOT = Path(os.environ.get("TOKSERVE_DATA", "../shared/data"))
@@ -288,13 +288,14 @@ def load_images(source, size: int, *, classes: Iterable[int] | None = None, max_
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 in [-1, 1]."""
-    return images.float().div(127.5).sub(1.0)
+    """uint8 (B, 3, H, W) -> float32 in [-1, 1] (:func:`models.preprocess.uint8_to_float`, as the server)."""
+    return uint8_to_float(images)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float (B, 3, H, W) in [-1, 1] -> uint8, rounded and clamped."""
-    return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, 3, H, W): :func:`models.preprocess.to_uint8_nchw`, the one
+    pixel convention the server also returns (rounded, clamped)."""
+    return to_uint8_nchw(images)
 
 
 def augment(images: torch.Tensor, size: int, generator: torch.Generator, *, crop_scale: tuple[float, float] = (1.0, 1.0),
