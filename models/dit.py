@@ -23,9 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
+from models.official import check_official_fields
 from models.registry import register_config, register_model_class
 
 SAMPLERS = {"sit": ("euler", "heun", "sde"), "dit": ("ddpm", "ddim")}
+# Keys only the published SiT config.json has (FORMATS.md 1.3); the DiT config has none of them.
+SIT_ONLY_FIELDS = frozenset({"path_type", "use_cfg", "qk_norm", "decoder_hidden_size", "encoder_depth", "z_dims"})
 PATH_TYPES = ("linear", "cosine")
 NOISE_SCHEDULES = ("cosine", "linear")
 
@@ -90,12 +93,17 @@ class GeneratorConfig:
 
     @classmethod
     def _official_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """The fields SiT and DiT share; every field of ``d`` must be in ``models.official.OFFICIAL_FIELDS``."""
+        check_official_fields(cls.family, d)
         if int(d.get("patch_size", 1)) != 1 or not d.get("vae_1d", False):
             raise ValueError("only the 1-D token variant (vae_1d=true, patch_size=1) of the published "
                              f"{cls.family.upper()} is supported; got patch_size={d.get('patch_size')}, "
                              f"vae_1d={d.get('vae_1d')}")
         if d.get("qk_norm", False):
             raise ValueError("qk_norm=true is not supported (the published generators have qk_norm=false)")
+        if float(d.get("class_dropout_prob", 0.1)) <= 0:
+            raise ValueError(f"class_dropout_prob={d['class_dropout_prob']!r} is not supported: the official label "
+                             "embedder then has no null-class row, and ours always has one (guidance)")
         return {
             "num_tokens": int(d["input_size"]),
             "token_dim": int(d["in_channels"]),
@@ -317,14 +325,20 @@ class DiTConfig(GeneratorConfig):
 
     @staticmethod
     def matches_official(d: dict[str, Any]) -> bool:
-        """A published DiT ``config.json``: transformer sizes, ``learn_sigma`` true, no SiT-only keys."""
-        sit_only = {"path_type", "use_cfg", "qk_norm", "decoder_hidden_size", "encoder_depth", "z_dims"}
-        return {"hidden_size", "depth", "num_heads", "in_channels", "input_size"} <= set(d) and bool(
-            d.get("learn_sigma", False)) and not sit_only & set(d)
+        """A published DiT ``config.json``: transformer sizes and a ``learn_sigma`` field (true or false), no
+        SiT-only keys. The published SiT configs have no ``learn_sigma`` (FORMATS.md 1.3), so a config that
+        states it without any SiT key is a DiT's, never silently a SiT's."""
+        return {"hidden_size", "depth", "num_heads", "in_channels", "input_size"} <= set(d) and (
+            "learn_sigma" in d) and not SIT_ONLY_FIELDS & set(d)
 
     @classmethod
     def from_official(cls, d: dict[str, Any]) -> DiTConfig:
-        return cls(**cls._official_fields(d), learn_sigma=bool(d.get("learn_sigma", True)))
+        """Translate a published DiT ``config.json``. ``learn_sigma=false`` (a fixed-variance DiT) is refused:
+        the DDPM sampler here implements the learned-range variance of the published DiTs only."""
+        if not d.get("learn_sigma", True):
+            raise ValueError("official DiT config: learn_sigma=false (fixed-variance DiT, output = eps only) is not "
+                             "supported; the DDPM sampler needs the learned-range variance (learn_sigma=true)")
+        return cls(**cls._official_fields(d), learn_sigma=True)
 
 
 @register_model_class

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
-from models.dit import DiT, DiTConfig, GeneratorConfig, TokenDiffusionTransformer
+from models.dit import PATH_TYPES, SIT_ONLY_FIELDS, DiT, DiTConfig, GeneratorConfig, TokenDiffusionTransformer
 from models.registry import register_config, register_model_class
 
 __all__ = ["DiT", "DiTConfig", "GeneratorConfig", "SiT", "SiTConfig", "TokenDiffusionTransformer"]
@@ -42,15 +42,33 @@ class SiTConfig(GeneratorConfig):
         one of the SiT-only keys such as ``path_type`` / ``use_cfg``)."""
         if not {"hidden_size", "depth", "num_heads", "in_channels", "input_size"} <= set(d):
             return False
-        sit_only = {"path_type", "use_cfg", "qk_norm", "decoder_hidden_size", "encoder_depth", "z_dims"}
-        return bool(sit_only & set(d)) or not d.get("learn_sigma", False)
+        return bool(SIT_ONLY_FIELDS & set(d)) or "learn_sigma" not in d
 
     @classmethod
     def from_official(cls, d: dict[str, Any]) -> SiTConfig:
-        """Translate the HF ``config.json``. Its ``path_type`` ("edm") is an unused constructor default and is
-        ignored: sampling defaults are the README recipe; ``tokenizer`` is unknown from the file (empty)."""
-        return cls(**cls._official_fields(d), learn_sigma=bool(d.get("learn_sigma", False)),
-                   **PUBLISHED_SAMPLING)
+        """Translate the HF ``config.json``; sampling defaults are the README recipe, ``tokenizer`` is unknown
+        from the file (empty).
+
+        ``path_type`` "linear" / "cosine" (the interpolants the SDE sampler implements) becomes the default
+        path; the published "edm" is an unused constructor default of the official SiT (FORMATS.md 1.3) and
+        leaves the recipe's path; any other value is refused. ``decoder_hidden_size`` must equal
+        ``hidden_size`` and ``use_cfg`` must be true (the only layouts implemented).
+        """
+        fields = cls._official_fields(d)
+        if int(d.get("decoder_hidden_size", fields["hidden_size"])) != fields["hidden_size"]:
+            raise ValueError(f"official SiT config: decoder_hidden_size={d['decoder_hidden_size']!r} != hidden_size "
+                             f"{fields['hidden_size']} is not supported")
+        if not d.get("use_cfg", True):
+            raise ValueError("official SiT config: use_cfg=false is not supported (the null-class row and guidance "
+                             "are always built)")
+        sampling = dict(PUBLISHED_SAMPLING)
+        path = d.get("path_type", "edm")
+        if path in PATH_TYPES:
+            sampling["path_type"] = path
+        elif path != "edm":
+            raise ValueError(f"official SiT config: path_type={path!r} is not supported; the samplers implement "
+                             f"{PATH_TYPES} ('edm' is the published, unused constructor default)")
+        return cls(**fields, learn_sigma=bool(d.get("learn_sigma", False)), **sampling)
 
 
 @register_model_class

@@ -18,6 +18,7 @@ with ``(tokens - vq_mean) / vq_std`` (:meth:`SoftVQModel.normalize_latents`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,11 @@ from timm.layers import trunc_normal_
 
 from models.latent_norm import LatentNormMixin
 from models.layers.vit import ToPixel, VisionTransformer
+from models.official import check_official_fields
 from models.quantizers.soft import SoftQuantizerOutput, SoftQuantizerSettings
 from models.registry import register_config, register_model_class
+
+_log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -73,6 +77,7 @@ class SoftVQConfig(SoftQuantizerSettings):
     vq_std: float = 1.0
     trained_on: str = ""
     notes: str = ""
+    load_warnings: tuple[str, ...] = ()  # found when the config was read (e.g. no latent statistics); shown by /v1/models
 
     def __post_init__(self) -> None:
         problems = []
@@ -101,18 +106,34 @@ class SoftVQConfig(SoftQuantizerSettings):
     def from_official(cls, d: dict[str, Any]) -> SoftVQConfig:
         """Translate a published ``config.json``; unsupported variants raise ``ValueError`` naming the field.
 
-        Missing fields take the official ``ModelArgs`` defaults. ``enc_pretrained`` / ``repa*`` / loss
-        weights are training-only and ignored.
+        Every field must be listed in :data:`models.official.OFFICIAL_FIELDS` (honoured, or ignored for the
+        reason given there, e.g. ``enc_pretrained`` / ``repa*`` / loss weights are training-only); others are
+        refused. Missing fields take the official ``ModelArgs`` defaults, except that missing ``vq_mean`` /
+        ``vq_std`` are logged and recorded in ``load_warnings``: generators would then see unnormalised tokens.
         """
+        check_official_fields("softvq", d)
         for key in ("enc_type", "dec_type"):
             if d.get(key, "vit") != "vit":
                 raise ValueError(f"official config: {key}={d[key]!r} is not supported (only 'vit')")
+        for key in ("enc_tuning_method", "dec_tuning_method"):
+            if d.get(key, "full") != "full":
+                raise ValueError(f"official config: {key}={d[key]!r} is not supported (only 'full')")
+        if not d.get("use_ape", True):
+            raise ValueError("official config: use_ape=false (the axial-RoPE position path) is not supported; only "
+                             "learned absolute position embeddings (use_ape=true) are implemented")
         if d.get("use_rope", False):
             raise ValueError("official config: use_rope=true (RoPE tokenizers) is not supported")
         if d.get("to_pixel", "linear") != "linear":
             raise ValueError(f"official config: to_pixel={d['to_pixel']!r} is not supported (only 'linear')")
         if not d.get("dec_cls_token", True):
             raise ValueError("official config: dec_cls_token=false is not supported")
+        warnings = []
+        missing = [k for k in ("vq_mean", "vq_std") if k not in d]
+        if missing:
+            warnings.append(f"the config has no {' / '.join(missing)}: latent statistics default to mean 0 / std 1, "
+                            "so a generator would see unnormalised tokens (measure them with "
+                            "`python -m training.evaluate compute-latent-stats`)")
+            _log.warning("official SoftVQ config (encoder %s): %s", d.get("encoder_model"), warnings[-1])
         enc_patch, dec_patch = _patch(d.get("enc_patch_size", 16)), _patch(d.get("dec_patch_size", 16))
         if enc_patch != dec_patch:
             raise ValueError(f"official config: enc_patch_size {enc_patch} != dec_patch_size {dec_patch}")
@@ -136,6 +157,7 @@ class SoftVQConfig(SoftQuantizerSettings):
             vq_mean=float(d.get("vq_mean", 0.0)),
             vq_std=float(d.get("vq_std", 1.0)),
             notes=f"from official config.json: encoder {d['encoder_model']}, decoder {d.get('decoder_model')}",
+            load_warnings=tuple(warnings),
         )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -161,10 +163,39 @@ def test_official_config_translates(tmp_path: Path, name: str, overrides: dict) 
     ({"use_rope": True}, "use_rope"), ({"to_pixel": "conv"}, "to_pixel"), ({"dec_type": "cnn"}, "dec_type"),
     ({"decoder_model": "vit_giant_patch14_dinov2.lvd142m"}, "decoder_model"),
     ({"dec_patch_size": 8}, "patch_size"),
+    ({"use_ape": False}, "use_ape=false"), ({"enc_tuning_method": "lora"}, "enc_tuning_method='lora'"),
+    ({"dec_tuning_method": "lora"}, "dec_tuning_method='lora'"), ({"dec_cls_token": False}, "dec_cls_token"),
+    ({"enc_type": "cnn"}, "enc_type"),
+    ({"enc_token_drop": 0.4}, "enc_token_drop=0.4"), ({"aux_hog_dec": True}, "aux_hog_dec=True"),
 ])
 def test_official_config_refuses_unsupported(bad: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    """Each refused field (or value) raises, naming it; through the dispatcher too (no other family takes it)."""
+    from models.official import config_from_official
+
+    with pytest.raises(ValueError, match=re.escape(match)):
         softvq.SoftVQConfig.from_official({**OFFICIAL_L32, **bad})
+    with pytest.raises(ValueError, match=re.escape(match)):
+        config_from_official({**OFFICIAL_L32, **bad})
+
+
+def test_official_config_fields_are_all_listed() -> None:
+    """Every field of the released config is honoured or ignored with a reason in the one table."""
+    from models.official import HONOURED, OFFICIAL_FIELDS, ignored_official_fields
+
+    assert set(OFFICIAL_L32) <= set(OFFICIAL_FIELDS["softvq"])
+    ignored = ignored_official_fields("softvq", OFFICIAL_L32)
+    assert "enc_pretrained" in ignored and "repa_model" in ignored and "vq_mean" not in ignored
+    assert all(reason and reason != HONOURED for reason in ignored.values())
+
+
+def test_official_config_without_latent_stats_warns(caplog: pytest.LogCaptureFixture) -> None:
+    d = {k: v for k, v in OFFICIAL_L32.items() if k not in ("vq_mean", "vq_std")}
+    with caplog.at_level(logging.WARNING, logger="models.softvq"):
+        cfg = softvq.SoftVQConfig.from_official(d)
+    assert (cfg.vq_mean, cfg.vq_std) == (0.0, 1.0)
+    assert len(cfg.load_warnings) == 1 and "vq_mean / vq_std" in cfg.load_warnings[0]
+    assert any("vq_mean / vq_std" in r.getMessage() for r in caplog.records)
+    assert softvq.SoftVQConfig.from_official(OFFICIAL_L32).load_warnings == ()
 
 
 def test_released_folder_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images64: torch.Tensor) -> None:

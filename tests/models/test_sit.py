@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -272,6 +273,47 @@ def test_official_sit_config_translates() -> None:
     assert cls is DiT and cfg.learn_sigma and cfg.out_channels == 64
     with pytest.raises(ValueError, match="vae_1d"):
         SiTConfig.from_official(_official_sit_config(patch_size=2, vae_1d=False))
+
+
+def _official_dit_config(**kw) -> dict:
+    d = {"depth": 28, "hidden_size": 1152, "num_heads": 16, "patch_size": 1, "in_channels": 32, "input_size": 64,
+         "learn_sigma": True, "class_dropout_prob": 0.1, "vae_1d": True}
+    d.update(kw)
+    return d
+
+
+@pytest.mark.parametrize("family,bad,match", [
+    ("sit", {"path_type": "vp"}, "path_type='vp'"),
+    ("sit", {"use_cfg": False}, "use_cfg=false"),
+    ("sit", {"decoder_hidden_size": 768}, "decoder_hidden_size=768"),
+    ("sit", {"qk_norm": True}, "qk_norm=true"),
+    ("sit", {"class_dropout_prob": 0.0}, "class_dropout_prob=0.0"),
+    ("sit", {"fused_attn": True}, "fused_attn=True"),
+    ("dit", {"learn_sigma": False}, "learn_sigma=false"),
+    ("dit", {"patch_size": 2, "vae_1d": False}, "vae_1d"),
+    ("dit", {"noise_schedule": "linear"}, "noise_schedule='linear'"),
+])
+def test_official_generator_config_refuses_unsupported(family: str, bad: dict, match: str) -> None:
+    """Each refused field names itself, through the dispatcher: a DiT config with learn_sigma=false is refused
+    as a DiT, never taken for a SiT."""
+    from models.official import config_from_official
+
+    d = _official_sit_config(**bad) if family == "sit" else _official_dit_config(**bad)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        config_from_official(d)
+
+
+def test_official_sit_path_type_is_honoured() -> None:
+    from models.official import config_from_official
+
+    for path in ("linear", "cosine"):
+        cls, cfg = config_from_official(_official_sit_config(path_type=path))
+        assert cls is SiT and cfg.path_type == path
+    # "edm" (the published, unused constructor default) leaves the README recipe's path
+    assert config_from_official(_official_sit_config())[1].path_type == "cosine"
+    # a SiT config that states learn_sigma stays a SiT (it has SiT-only keys)
+    cls, cfg = config_from_official(_official_sit_config(learn_sigma=True))
+    assert cls is SiT and cfg.learn_sigma
 
 
 def test_official_sit_folder_loads(tmp_path) -> None:
