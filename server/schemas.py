@@ -121,6 +121,8 @@ class ModelInfo(BaseModel):
     defaults: dict[str, object]
     runtime: str
     random_weights: bool = Field(..., description="true: a registry configuration with random weights")
+    warnings: list[str] = Field(default_factory=list, description="problems found when the model's config was "
+                                "read, e.g. a published tokenizer config without vq_mean / vq_std")
 
 
 class ModelsResponse(BaseModel):

@@ -19,6 +19,7 @@ def model_info(spec: ModelSpec, runtime: str) -> ModelInfo:
         tokenizer=spec.tokenizer if gen else None, classes=list(spec.classes) if gen else None,
         num_classes=spec.num_classes if gen else None, samplers=list(spec.samplers) if gen else None,
         defaults=spec.defaults, runtime=runtime, random_weights=spec.random_weights,
+        warnings=list(getattr(spec.config, "load_warnings", ())),
     )
 
 

@@ -59,6 +59,21 @@ def _error(r: httpx.Response, status: int, type_: str, match: str = "") -> str:
 # ---------------------------------------------------------------------------------------------- basics
 
 
+def test_models_response_shows_load_warnings() -> None:
+    """A published SoftVQ config without vq_mean / vq_std: the warning found at load is in its /v1/models entry."""
+    from models.softvq import SoftVQConfig
+    from server.engine.specs import ModelSpec
+    from server.routes.models import model_info
+
+    official = {"encoder_model": "vit_base_patch14_dinov2.lvd142m", "decoder_model": "vit_base_patch14_dinov2",
+                "num_latent_tokens": 64, "codebook_embed_dim": 32, "codebook_size": 8192, "num_codebooks": 4}
+    cfg = SoftVQConfig.from_official(official)
+    spec = ModelSpec(name="softvq-release", kind="tokenizer", family="softvq", source="/models/softvq-release",
+                     random_weights=False, config=cfg, image_size=256, token_shape=(64, 32))
+    info = model_info(spec, "torch-eager").model_dump()
+    assert info["warnings"] == list(cfg.load_warnings) and "vq_mean / vq_std" in info["warnings"][0]
+
+
 def test_health_ready_and_models(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "detail": None}
     assert client.get("/readyz").status_code == 200
@@ -68,6 +83,7 @@ def test_health_ready_and_models(client: httpx.Client) -> None:
     tok, gen = by["softvq-tiny-64"], by["sit-tiny-64x32"]
     assert tok["kind"] == "tokenizer" and tok["image_size"] == 64 and tok["token_shape"] == [64, 32]
     assert tok["random_weights"] is True and tok["token_dtype"] == "float32" and tok["runtime"] == "torch-eager"
+    assert tok["warnings"] == [] and gen["warnings"] == []
     assert gen["kind"] == "generator" and gen["tokenizer"] == "softvq-tiny-64" and gen["family"] == "sit"
     assert gen["classes"] == list(range(1000)) and gen["num_classes"] == 1000 and gen["image_size"] == 64
     assert gen["defaults"]["sampler"] == "sde" and gen["samplers"] == ["euler", "heun", "sde"]
