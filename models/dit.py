@@ -20,9 +20,9 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import Mlp
 
+from models.layers.attention import attend
 from models.official import check_official_fields
 from models.registry import register_config, register_model_class
 
@@ -183,8 +183,9 @@ class LabelEmbedder(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention, (B, N, D) -> (B, N, D), qkv rows laid out [q | k | v] with heads
-    contiguous. ``fused`` selects ``F.scaled_dot_product_attention``; otherwise the explicit
-    ``softmax((q * d**-0.5) @ k^T) @ v`` of the official fp32 path runs (same numbers to ~1e-6)."""
+    contiguous. Runs :func:`models.layers.attention.attend`: SDPA unless the process is in ``exact`` mode
+    (``TOKSERVE_ATTENTION``) or ``fused`` is off; then the explicit ``softmax((q * d**-0.5) @ k^T) @ v`` of the
+    official fp32 path runs (bit-identical to it; SDPA agrees to ~1e-6)."""
 
     def __init__(self, dim: int, num_heads: int, fused: bool = True) -> None:
         super().__init__()
@@ -198,11 +199,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused:
-            x = F.scaled_dot_product_attention(q, k, v)
-        else:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            x = attn @ v
+        x = attend(q, k, v, scale=self.scale, fused=self.fused)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.layers.attention import attend
 from models.registry import register_config, register_model_class
 
 
@@ -62,7 +63,7 @@ class AttnBlock(nn.Module):
         n = self.norm(x)
         # each (B, 1, HW, C): one head over the flattened pixels
         q, k, v = (m(n).reshape(b, 1, c, h * w).transpose(2, 3) for m in (self.q, self.k, self.v))
-        a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
+        a = attend(q, k, v)  # softmax(q k^T / sqrt(C)) v
         return x + self.proj_out(a.transpose(2, 3).reshape(b, c, h, w))
 
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
+from models.layers.attention import attend
 from models.quantizers.msrq import IMAGEFOLDER_SCALES
 from models.registry import register_config, register_model_class
 
@@ -166,7 +167,7 @@ class SelfAttention(nn.Module):
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         mask = None if attn_bias is None else attn_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = attend(q, k, v, mask=mask, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), (k, v)
 
 

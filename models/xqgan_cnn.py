@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.layers.attention import attend
 from models.quantizers.base import Quantizer, QuantizerOutput
 from models.quantizers.bsq import BinarySphericalQuantizer
 from models.quantizers.lfq import LookupFreeQuantizer
@@ -238,7 +239,7 @@ class AttnBlock(nn.Module):
         q, k, v = (
             t(n).reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q, self.k, self.v)
         )  # (B,1,HW,C)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attend(q, k, v)
         return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
 
 

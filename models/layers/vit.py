@@ -10,8 +10,9 @@ Key names, shapes and fp32 numerics follow the DINOv2-style timm ViT of the publ
 
 The rows of ``qkv.weight`` are ``[q | k | v]`` with heads contiguous inside each; the class token is
 concatenated first and then ``pos_embed`` (which covers it) is added. Attention runs through
-``F.scaled_dot_product_attention`` (within ~1e-6 of the reference's explicit softmax in fp32); set
-``Attention.fused = False`` (or :func:`set_fused_attention`) for the explicit form, e.g. for exporters.
+:func:`models.layers.attention.attend`: SDPA by default (within ~1e-6 of the reference's explicit softmax in
+fp32), the official explicit form under ``attention_mode("exact")`` (``TOKSERVE_ATTENTION=exact``) or with
+``Attention.fused = False`` (:func:`set_fused_attention`, e.g. for exporters).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, trunc_normal_
+
+from models.layers.attention import attend
 
 LN_EPS = 1e-6
 
@@ -45,11 +47,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
-        if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            out = attn.softmax(dim=-1) @ v
+        out = attend(q, k, v, scale=self.scale, fused=self.fused)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
