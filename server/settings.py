@@ -60,6 +60,19 @@ class Settings(BaseSettings):
         description="Model runtime: `torch` (eager), `torch-compile`, `torchscript` or `onnx` (onnxruntime: CUDA "
         "provider with onnxruntime-gpu, else CPU); per model: `torch,default-tokenizer=onnx`.",
     )
+    attention: Literal["sdpa", "exact"] = Field(
+        "sdpa",
+        description="Attention form of every model: `sdpa` (fused `scaled_dot_product_attention`, faster) or "
+        "`exact` (the explicit `softmax(q k^T * scale) v` of the official SoftVQ / SiT / DiT code: fp32 outputs "
+        "on the CPU are bit-identical to the reference implementation; SDPA differs by ~1e-6 reordering noise).",
+    )
+    batch_invariant: bool | None = Field(
+        None,
+        description="Run every tokenizer and SiT / DiT model call one row at a time, so a row's result does not "
+        "depend on its batch-mates bit for bit (batching, queueing and metrics are unchanged). Unset: on for "
+        "the CPU (where it costs little, see bench/README.md), off on CUDA (there it costs more, and bf16 / "
+        "split-K GEMMs are not covered anyway).",
+    )
     export_dir: str | None = Field(
         None, description="Where `torchscript` / `onnx` runtimes keep their exports, content-addressed "
         "(`<dir>/<model>-<runtime>/<hash of weights, config, options, torch/onnx/onnxruntime versions>`): a "

@@ -2,7 +2,7 @@
 
 A :class:`Batcher` pulls jobs of one kind through a ``take(max_n, timeout)`` function (the queue's worker
 side) and returns a batch of jobs with the same shape key: up to ``max_rows`` rows, or whatever arrived within
-``max_wait_s`` of the first job. :func:`run_isolated` runs a batch and, when it fails, re-runs it job by job
+``max_wait_s`` of the first job. :func:`row_chunked` makes a model call batch-invariant. :func:`run_isolated` runs a batch and, when it fails, re-runs it job by job
 so that one bad job fails alone. :func:`run_chunked` concatenates the jobs' rows into model calls of at most
 ``max_rows`` rows and splits the outputs back per job.
 """
@@ -27,6 +27,7 @@ class BatchPolicy:
     max_rows: int
     max_wait_s: float
     idle_timeout_s: float = 0.5  # how long an idle worker waits before looking up (heartbeats, stop)
+    invariant_rows: int = 0  # >0: every model call runs in calls of this many rows (see ``row_chunked``)
 
 
 class Batcher:
@@ -106,3 +107,24 @@ def run_chunked(fn: Callable[[torch.Tensor], torch.Tensor], inputs: Sequence[tor
         sizes.append(int(chunk.shape[0]))
     y = torch.cat(outs) if len(outs) > 1 else outs[0]
     return list(torch.split(y, [int(t.shape[0]) for t in inputs])), sizes
+
+
+def row_chunked(fn: Callable[..., torch.Tensor], rows: int) -> Callable[..., torch.Tensor]:
+    """``fn`` made batch-invariant: every tensor argument (all (N, ...), same N) is cut into calls of ``rows``
+    rows (the last call may be smaller, so only ``rows=1`` is strictly invariant; larger values trade some
+    invariance for fewer calls) and the outputs are concatenated. CPU kernels (oneDNN convolutions, MKL/oneDNN GEMMs) choose their
+    blocking and reduction order from the problem size, so one row's result can change in the last bit with
+    the number of rows beside it; with calls of a fixed size (``rows=1``: one row per call) the shapes the
+    kernels see never depend on the batch. ``rows <= 0`` returns ``fn`` itself."""
+    if rows <= 0:
+        return fn
+
+    def call(*args: torch.Tensor) -> torch.Tensor:
+        n = int(args[0].shape[0])
+        if n <= rows:
+            return fn(*args)
+        outs = [fn(*(a[s:s + rows] for a in args)) for s in range(0, n, rows)]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    call.__wrapped__ = fn  # type: ignore[attr-defined]
+    return call

@@ -8,10 +8,18 @@ import logging
 
 import torch
 
+from models.layers.attention import set_attention_mode
 from models.sampling.base import SampleRequest
 from server.engine.batching import BatchPolicy
 from server.engine.loops import BatchLoop, GenerateLoop
-from server.engine.runtime import DeviceThread, GeneratorRuntime, Runtime, TokenizerRuntime, build_runtimes
+from server.engine.runtime import (
+    DeviceThread,
+    GeneratorRuntime,
+    Runtime,
+    TokenizerRuntime,
+    build_runtimes,
+    resolve_device,
+)
 from server.engine.specs import ModelSet
 from server.metrics import Metrics
 from server.queue.base import JobQueue
@@ -38,10 +46,16 @@ class Engine:
         s = self.settings
         if s.torch_threads:
             await self.device.run(torch.set_num_threads, s.torch_threads)
+        set_attention_mode(s.attention)  # process-wide: every model's attention form (TOKSERVE_ATTENTION)
         self.runtimes = await self.device.run(build_runtimes, list(self.models.specs.values()), s)
         if s.warmup:
             await self.device.run(self._warmup)
-        policy = BatchPolicy(max_rows=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000.0)
+        invariant = s.batch_invariant
+        if invariant is None:
+            invariant = resolve_device(s.device).type == "cpu"
+        policy = BatchPolicy(max_rows=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000.0,
+                             invariant_rows=1 if invariant else 0)
+        log.info("attention %s; batch-invariant model calls %s", s.attention, "on" if invariant else "off")
         for rt in self.runtimes.values():
             if isinstance(rt, TokenizerRuntime):
                 self.loops += [BatchLoop(op, rt, self.queue, self.device, policy, self.metrics)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from models.sampling.base import StepSampler
-from server.engine.batching import Batcher, BatchPolicy, run_chunked, run_isolated
+from server.engine.batching import Batcher, BatchPolicy, row_chunked, run_chunked, run_isolated
 from server.engine.runtime import DeviceThread, GeneratorRuntime, TokenizerRuntime
 from server.engine.scheduler import GenerationScheduler, StepOutcome
 from server.errors import DeadlineExceeded, ModelFailed
@@ -64,7 +64,7 @@ class BatchLoop:
         self.device = device
         self.policy = policy
         self.metrics = metrics
-        self._fn = runtime.encode if op == "encode" else runtime.decode
+        self._fn = row_chunked(runtime.encode if op == "encode" else runtime.decode, policy.invariant_rows)
         self._out = "tokens" if op == "encode" else "images"
         self._tokens_per_row = runtime.spec.tokens_per_image
 
@@ -131,7 +131,11 @@ class GenerateLoop:
         self.policy = policy
         self.metrics = metrics
         self._samplers: dict[str, StepSampler] = {}
-        self.scheduler = GenerationScheduler(self._sampler, runtime.sampler_model, runtime.spec.token_shape,
+        model = runtime.sampler_model
+        if runtime.denoiser:  # SiT / DiT: model_fn(x, t, y), all (N, ...); MAR / MaskGIT / VAR are not covered
+            model = row_chunked(model, policy.invariant_rows)
+        self._tokenizer_decode = row_chunked(tokenizer.decode, policy.invariant_rows)
+        self.scheduler = GenerationScheduler(self._sampler, model, runtime.spec.token_shape,
                                              policy.max_rows, clock=clock)
 
     def _sampler(self, name: str) -> StepSampler:
@@ -171,7 +175,7 @@ class GenerateLoop:
 
     def _decode(self, latents: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         tokens = [self.tokenizer.denormalize(x) for x in latents]
-        images, _ = run_chunked(self.tokenizer.decode, tokens, self.policy.max_rows)
+        images, _ = run_chunked(self._tokenizer_decode, tokens, self.policy.max_rows)
         return list(zip(images, tokens, strict=True))
 
     def _step_and_decode(self) -> _Decoded:
