@@ -66,12 +66,12 @@ class Settings(BaseSettings):
         "`exact` (the explicit `softmax(q k^T * scale) v` of the official SoftVQ / SiT / DiT code: fp32 outputs "
         "on the CPU are bit-identical to the reference implementation; SDPA differs by ~1e-6 reordering noise).",
     )
-    batch_invariant: bool | None = Field(
-        None,
+    batch_invariant: bool = Field(
+        False,
         description="Run every tokenizer and SiT / DiT model call one row at a time, so a row's result does not "
-        "depend on its batch-mates bit for bit (batching, queueing and metrics are unchanged). Unset: on for "
-        "the CPU (where it costs little, see bench/README.md), off on CUDA (there it costs more, and bf16 / "
-        "split-K GEMMs are not covered anyway).",
+        "depend on its batch-mates bit for bit (batching, queueing and metrics are unchanged). Off by default: "
+        "on the CPU it made encode at batch 8 about 5x slower (bench/README.md); without it rows differ across "
+        "batch sizes by ~1e-6 (a pixel level now and then). On CUDA it is not a guarantee (bf16 / split-K GEMMs).",
     )
     export_dir: str | None = Field(
         None, description="Where `torchscript` / `onnx` runtimes keep their exports, content-addressed "

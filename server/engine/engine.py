@@ -18,7 +18,6 @@ from server.engine.runtime import (
     Runtime,
     TokenizerRuntime,
     build_runtimes,
-    resolve_device,
 )
 from server.engine.specs import ModelSet
 from server.metrics import Metrics
@@ -51,8 +50,6 @@ class Engine:
         if s.warmup:
             await self.device.run(self._warmup)
         invariant = s.batch_invariant
-        if invariant is None:
-            invariant = resolve_device(s.device).type == "cpu"
         policy = BatchPolicy(max_rows=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000.0,
                              invariant_rows=1 if invariant else 0)
         log.info("attention %s; batch-invariant model calls %s", s.attention, "on" if invariant else "off")
