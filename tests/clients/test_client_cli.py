@@ -87,8 +87,9 @@ def test_single_files_and_generate(fake_tokserve: ScriptedServer, tmp_path: Path
     assert out.returncode == 0, out.stderr
     names = sorted(p.name for p in (tmp_path / "g").iterdir())
     assert names == ["class1_seed10.png", "class1_seed9.png", "class207_seed10.png", "class207_seed9.png"]
-    body = fake_tokserve.calls("/v1/generate")[0].json()
-    assert body == {"class": 1, "num_images": 2, "steps": 3, "seed": 9, "format": "png"}
+    # the classes of one call are sent concurrently: one request each, in any order
+    bodies = sorted((r.json() for r in fake_tokserve.calls("/v1/generate")), key=lambda b: b["class"])
+    assert bodies == [{"class": c, "num_images": 2, "steps": 3, "seed": 9, "format": "png"} for c in (1, 207)]
 
 
 def test_models_health_and_errors(
