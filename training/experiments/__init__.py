@@ -1,0 +1,1 @@
+"""Short experiments that choose a design by measurement (not part of any training command)."""
