@@ -61,31 +61,13 @@ def summarise(
     percentiles are over successful requests (errors are counted by status instead, so fast rejections do
     not flatter the percentiles).
     """
-    ok = [r for r in records if r.ok]
     end = max((r.end for r in records), default=started)
     wall = max(end - started, 1e-9)
-    errors = Counter(str(r.status) for r in records if not r.ok)
     summary: dict[str, Any] = dict(label or {})
-    summary.update(
-        {
-            "requests": len(records),
-            "ok": len(ok),
-            "error_rate": (len(records) - len(ok)) / len(records) if records else 0.0,
-            "errors": dict(sorted(errors.items())),
-            "duration_s": wall,
-            "throughput_rps": len(ok) / wall,
-            "images_per_s": sum(r.images for r in ok) / wall,
-            "latency_ms": distribution([r.latency_s * 1e3 for r in ok]),
-            "queue_ms": distribution([r.queue_ms for r in ok if r.queue_ms is not None]),
-            "compute_ms": distribution([r.compute_ms for r in ok if r.compute_ms is not None]),
-            "server_total_ms": distribution([r.total_ms for r in ok if r.total_ms is not None]),
-            "by_op": {},
-        }
-    )
-    for op in sorted({r.op for r in records}):
-        mine = [r for r in records if r.op == op]
-        summary["by_op"][op] = _op_summary(mine, wall)
-    summary["latencies_ms"] = sorted(r.latency_s * 1e3 for r in ok)
+    summary.update(_op_summary(records, wall))  # the whole run's stats are those of all its operations together
+    summary["duration_s"] = wall
+    summary["by_op"] = {op: _op_summary([r for r in records if r.op == op], wall)
+                        for op in sorted({r.op for r in records})}
     return summary
 
 
