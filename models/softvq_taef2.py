@@ -57,6 +57,10 @@ class SoftVQTAEF2Config(SoftQuantizerSettings):
     heads: int = 4
     mlp_ratio: float = 4.0
     layer_scale_init: float = 0.1
+    # A linear path beside the two ViTs: each run of N/L raster-adjacent grid vectors -> its token (added before
+    # the quantizer) and each token -> its grid vectors (added to the decoder's output). Off in published
+    # folders before issue #16's pair-skip A/B; keys ``skip_in.*`` / ``skip_out.*`` exist only when on.
+    pair_skip: bool = False
     latent_shift: float = 0.0
     latent_scale: float = 1.0
     vq_mean: float = 0.0
@@ -72,6 +76,9 @@ class SoftVQTAEF2Config(SoftQuantizerSettings):
         problems += self.quantizer_problems(self.num_tokens, self.token_dim)
         if self.width % self.heads:
             problems.append(f"width {self.width} not divisible by heads {self.heads}")
+        if self.pair_skip and (self.image_size // self.downsample) ** 2 % self.num_tokens:
+            problems.append(f"pair_skip needs the {(self.image_size // self.downsample) ** 2} grid positions to "
+                            f"divide into {self.num_tokens} tokens")
         if self.vq_std <= 0 or self.latent_scale <= 0:
             problems.append("vq_std and latent_scale must be > 0")
         if problems:
@@ -84,6 +91,11 @@ class SoftVQTAEF2Config(SoftQuantizerSettings):
     @property
     def num_positions(self) -> int:
         return self.grid_side**2
+
+    @property
+    def positions_per_token(self) -> int:
+        """Grid positions per token on the ``pair_skip`` path (2 for 32 tokens over an 8x8 grid)."""
+        return self.num_positions // self.num_tokens
 
 
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
@@ -179,6 +191,10 @@ class SoftVQTAEF2(LatentNormMixin, nn.Module):
         self.quantize = config.build_quantizer(config.token_dim)
         self.post_quant_conv = nn.Linear(config.token_dim, config.width)
         self.decoder = LatentGridDecoder(config)
+        if config.pair_skip:
+            run = config.positions_per_token * config.latent_channels
+            self.skip_in = nn.Linear(run, config.token_dim)
+            self.skip_out = nn.Linear(config.token_dim, run)
 
     @classmethod
     def with_taef2(cls, config: SoftVQTAEF2Config, taef2_folder=None) -> SoftVQTAEF2:
@@ -228,7 +244,10 @@ class SoftVQTAEF2(LatentNormMixin, nn.Module):
 
     def encode_latents(self, latents: torch.Tensor, compute_losses: bool = True) -> SoftVQEncoding:
         """Raw TAEF2 latents (B, C, h, w) -> tokens, pre-quantization features, quantizer output."""
-        features = self.quant_conv(self.encoder(self.grid_from_latents(latents)))
+        grid = self.grid_from_latents(latents)
+        features = self.quant_conv(self.encoder(grid))
+        if self.config.pair_skip:  # (B, N, C) -> (B, L, N/L * C): each token's run of positions
+            features = features + self.skip_in(grid.reshape(grid.shape[0], self.config.num_tokens, -1))
         q: SoftQuantizerOutput = self.quantize(features, compute_losses)
         return SoftVQEncoding(tokens=q.quantized, features=features, quantizer=q)
 
@@ -241,7 +260,10 @@ class SoftVQTAEF2(LatentNormMixin, nn.Module):
         if tokens.dim() != 3 or tuple(tokens.shape[1:]) != self.token_shape:
             raise ValueError(f"expected tokens (B, {self.token_shape[0]}, {self.token_shape[1]}), "
                              f"got {tuple(tokens.shape)}")
-        return self.decoder(self.post_quant_conv(tokens))
+        grid = self.decoder(self.post_quant_conv(tokens))
+        if self.config.pair_skip:
+            grid = grid + self.skip_out(tokens).reshape(grid.shape)
+        return grid
 
     def decode_latents(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L, D) -> raw TAEF2 latents (B, C, h, w)."""
@@ -286,6 +308,14 @@ NAMED: dict[str, tuple[SoftVQTAEF2Config, str]] = {
     "softvq-taef2-32x64": (
         SoftVQTAEF2Config(num_tokens=32, token_dim=64, width=192, enc_depth=2, dec_depth=3, heads=3),
         "64px, frozen TAEF2 stem, 32x64 tokens (2,048 floats), width 192 / depth 2+3, 4x1024 codes",
+    ),
+    "softvq-taef2-32x64-skip": (
+        SoftVQTAEF2Config(num_tokens=32, token_dim=64, width=192, enc_depth=2, dec_depth=3, heads=3, pair_skip=True),
+        "softvq-taef2-32x64 plus the linear pair path (token i <-> grid positions 2i, 2i+1) beside the ViTs",
+    ),
+    "softvq-taef2-32-skip": (
+        SoftVQTAEF2Config(num_tokens=32, token_dim=32, width=192, enc_depth=2, dec_depth=3, heads=3, pair_skip=True),
+        "softvq-taef2-32 plus the linear pair path (token i <-> grid positions 2i, 2i+1) beside the ViTs",
     ),
 }
 

@@ -103,3 +103,32 @@ def test_sincos_table() -> None:
     torch.testing.assert_close(t[0, 8:], t[8, 8:])
     with pytest.raises(ValueError):
         sincos_2d(8, 10)
+
+
+def test_pair_skip_links_each_token_to_its_grid_positions(tmp_path) -> None:
+    """With ``pair_skip`` the linear path carries grid positions 2i, 2i+1 to token i and back: with the ViT
+    halves silenced, a change of one grid vector moves only its own token and only its own two positions."""
+    torch.manual_seed(0)
+    m = models.create_model("softvq-taef2-tiny", pair_skip=True).eval()
+    assert m.config.positions_per_token == 2
+    assert {"skip_in.weight", "skip_out.bias"} <= set(m.state_dict())
+    assert "skip_in.weight" not in models.create_model("softvq-taef2-tiny").state_dict()
+    with torch.no_grad():
+        for lin in (m.quant_conv, m.decoder.to_latent):
+            lin.weight.zero_()
+            lin.bias.zero_()
+        z = torch.randn(1, 32, 8, 8)
+        z2 = z.clone()
+        z2[0, :, 2, 5] += 1.0  # raster position 21 -> token 10
+        f1, f2 = m.encode_latents(z, False).features, m.encode_latents(z2, False).features
+        moved = (f1 - f2).abs().sum(-1)[0]
+        assert moved[10] > 0 and moved.count_nonzero() == 1
+        tokens = torch.zeros(1, 32, 16)
+        t2 = tokens.clone()
+        t2[0, 10] = 1.0
+        g = (m.decode_grid(tokens) - m.decode_grid(t2)).abs().sum(-1)[0]
+        assert set(g.nonzero().flatten().tolist()) == {20, 21}
+    back = models.load_pretrained(models.save_pretrained(m, tmp_path / "skip"))
+    assert back.config.pair_skip and torch.equal(back.skip_in.weight, m.skip_in.weight)
+    with pytest.raises(ValueError, match="pair_skip"):
+        models.get_config("softvq-taef2-tiny", pair_skip=True, num_tokens=24, num_codebooks=1)
