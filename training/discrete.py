@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +46,14 @@ from models.hub import weights_sha256
 from models.maskgit import cosine_mask
 from models.quantizers.base import perplexity
 from models.registry import get_config
-from training import config as C
-from training.config import DataConfig, OptimConfig, RunConfig, served_tokenizer_name
+from training.config import (
+    CODATrainConfig,
+    CodeGeneratorTrainConfig,
+    DataConfig,
+    MaskGITTrainConfig,
+    model_field_overrides,
+    served_tokenizer_name,
+)
 from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
 from training.latents import encode_cached, weights_fingerprint
 from training.losses import reconstruction_loss
@@ -59,157 +64,6 @@ from training.tokenizer import load_training_images
 from training.trainer import Trainer, setup_run
 
 DEFAULT_LATENT_CACHE = "runs/coda-latents"
-
-# ---------------------------------------------------------------------------------------------- configs
-
-
-@dataclass
-class CODATrainConfig:
-    """Training of a CODA tokenizer (module docstring)."""
-
-    model: str = "coda-taef2-64"  # a registered CODA configuration
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. codebook_size, lora_rank, lora_targets
-    vae_weights: str | None = None  # original VAE weights (TAEF2: folder of taef2_*.pth; default ../shared)
-    vae_fp16: bool = True  # round the frozen VAE weights to fp16 before training (= the fp16 export)
-    init_from: str | None = None  # a CODA serving folder to continue from (LoRA tensors it lacks start fresh)
-    space: str = "latent"  # latent: quantizer on cached latents | image: also decode and score pixels
-    normalize_latents: bool = True  # latent_shift / latent_scale := mean / 1/std of the training latents
-    latent_cache: str | None = None  # folder of raw-latent caches (default runs/coda-latents)
-    encode_batch_size: int = 64
-    latent_weight: float = 1.0  # mse(f_hat, z) on the quantizer's (normalised) input
-    quant_weight: float = 1.0  # the quantizer's `quant` loss (commitment + codebook, beta inside)
-    image_weight: float = 1.0  # space=image: rec(x, decode(f_hat))
-    image_recon: str = "l1+l2"  # l1 | l2 | l1+l2
-    lpips_weight: float = 0.0  # space=image: LPIPS-VGG (slow on a CPU)
-    train_quantizer: bool = True  # space=image: also train the quantizer (else LoRA only)
-    eval_images: int = 500  # held-out images (data.val) for the eval records (usage, latent MSE)
-    eval_decode: int = 100  # ... of which decoded for PSNR
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=100))
-    run: RunConfig = field(default_factory=lambda: RunConfig(ema_decay=0.999))
-    kind: str = "coda"
-
-
-@dataclass
-class CodeGeneratorTrainConfig:
-    """What the trainers of generators over a discrete tokenizer's codes share (MaskGIT here, VAR in
-    :mod:`training.var`): the frozen tokenizer folder, the code cache, held-out evaluation and sample grids."""
-
-    model: str = ""  # a registered generator configuration (its code shape fields come from the tokenizer)
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    init_from: str | None = None  # a serving folder of the same generator to continue from
-    tokenizer: str = ""  # the tokenizer serving folder whose codes we model
-    tokenizer_ref: str | None = None  # what the exported config's `tokenizer` says (default: the path)
-    code_cache: str | None = None  # default <out_dir>/codes.pt
-    encode_batch_size: int = 64
-    encode_flip: bool = False  # also encode mirrored images (doubles the code set)
-    val_images: int = 0  # held-out images (data.val) whose loss / accuracy is logged at each sample step
-    sample_cfg: float = 2.0
-    sample_classes: int = 8  # sample grid: rows (classes spread over the trained ones) ...
-    sample_per_class: int = 4  # ... and columns
-    data: DataConfig = field(default_factory=lambda: DataConfig(flip=False))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                                                                   warmup_steps=200))
-    run: RunConfig = field(default_factory=lambda: RunConfig(ema_decay=0.999))
-
-
-@dataclass
-class MaskGITTrainConfig(CodeGeneratorTrainConfig):
-    """Training of a MaskGIT generator on the codes of a CODA serving folder (module docstring)."""
-
-    model: str = "maskgit-s"  # a registered MaskGIT configuration (num_tokens / codebook_size: the tokenizer's)
-    tokenizer: str = "runs/coda-taef2-image/export"  # CODA serving folder whose codes we model
-    latent_cache: str | None = None  # raw-latent cache folder shared with `coda` (default runs/coda-latents)
-    class_dropout: float | None = None  # None: the model config's class_dropout_prob
-    label_smoothing: float | None = None  # None: the model config's label_smoothing
-    sample_steps: int | None = None  # MaskGIT iterations for the sample grids (None: the config's num_iter)
-    kind: str = "maskgit"
-
-
-C.TRAIN_KINDS.update({"coda": CODATrainConfig, "maskgit": MaskGITTrainConfig})
-
-
-@C.named
-def coda_tiny() -> CODATrainConfig:
-    """CI: coda-taef2-64 with 64 codes on a few dozen real images, latent space, a few steps."""
-    return CODATrainConfig(
-        model_overrides={"codebook_size": 64, "lora_rank": 0},
-        data=DataConfig(train="tiny-val", max_images=32),
-        latent_cache="runs/coda-tiny/latents",
-        eval_images=16, eval_decode=8, encode_batch_size=32,
-        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
-        run=RunConfig(out_dir="runs/coda-tiny", steps=20, batch_size=16, log_every=5, ckpt_every=100,
-                      sample_every=20, ema_decay=0.9, threads=1),
-    )
-
-
-@C.named
-def coda_taef2() -> CODATrainConfig:
-    """The shipped CODA tokenizer: coda-taef2-64 with 1024 codes (130 per image over scales 1,2,3,4,6,8), no
-    LoRA, quantizer trained on the frozen TAEF2 latents of 20k Tiny ImageNet train images (about 100 per
-    class), one CPU thread, 15 CPU minutes after encoding."""
-    return CODATrainConfig(
-        model_overrides={"codebook_size": 1024, "lora_rank": 0},
-        data=DataConfig(max_images=20000),
-        eval_images=500, eval_decode=100,
-        optim=OptimConfig(lr=2e-3, warmup_steps=100, weight_decay=0.0, min_lr_ratio=0.05),
-        run=RunConfig(out_dir="runs/coda-taef2", steps=6000, max_minutes=15, budget_clock="cpu", batch_size=128,
-                      threads=1, ema_decay=0.999, log_every=20, ckpt_every=500, ckpt_every_minutes=4,
-                      sample_every=500),
-    )
-
-
-@C.named
-def coda_taef2_image() -> CODATrainConfig:
-    """Optional short image-space phase after coda-taef2: a rank-4 LoRA added to the TAEF2 decoder, trained
-    with the quantizer on pixel L1+L2, from the latent-phase export, on the cached latents of the same images
-    (no augmentation), 8 CPU minutes."""
-    return CODATrainConfig(
-        init_from="runs/coda-taef2/export",
-        model_overrides={"lora_rank": 4, "lora_targets": ["decoder"]},
-        space="image",
-        data=DataConfig(max_images=20000),
-        eval_images=500, eval_decode=100,
-        optim=OptimConfig(lr=3e-4, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1),
-        run=RunConfig(out_dir="runs/coda-taef2-image", steps=2000, max_minutes=8, budget_clock="cpu", batch_size=16,
-                      threads=1, ema_decay=0.99, log_every=10, ckpt_every=200, ckpt_every_minutes=4,
-                      sample_every=200),
-    )
-
-
-@C.named
-def maskgit_tiny() -> MaskGITTrainConfig:
-    """CI: maskgit-tiny on the codes of the coda-tiny export (a few dozen real images)."""
-    return MaskGITTrainConfig(
-        model="maskgit-tiny",
-        tokenizer="runs/coda-tiny/export",
-        data=DataConfig(train="tiny-val", max_images=32, flip=False),
-        latent_cache="runs/coda-tiny/latents",
-        val_images=16, sample_steps=4, sample_classes=2, sample_per_class=2, encode_batch_size=32,
-        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
-        run=RunConfig(out_dir="runs/maskgit-tiny", steps=20, batch_size=16, log_every=5, ckpt_every=100,
-                      sample_every=20, ema_decay=0.9, threads=1),
-    )
-
-
-@C.named
-def maskgit_taef2() -> MaskGITTrainConfig:
-    """The shipped MaskGIT (``weights/default/maskgit``, served as ``default-maskgit``): width 160, depth 4,
-    4 heads, MLP ratio 3 (1.5 M parameters, 3 MB fp16) on the codes that the shipped ``default-coda`` gives
-    20k Tiny ImageNet train images (200 classes), one CPU thread, 60 CPU minutes."""
-    return MaskGITTrainConfig(
-        model="maskgit-s",
-        model_overrides={"hidden_size": 160, "depth": 4, "num_heads": 4, "mlp_ratio": 3.0, "num_iter": 12},
-        tokenizer="weights/default/coda",
-        tokenizer_ref="default-coda",  # the served name of weights/default/coda
-        data=DataConfig(max_images=20000, flip=False),
-        val_images=500,
-        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=100, min_lr_ratio=0.05),
-        run=RunConfig(out_dir="runs/maskgit-taef2", steps=40000, max_minutes=60, budget_clock="cpu", batch_size=32,
-                      threads=1, ema_decay=0.999, log_every=20, ckpt_every=500, ckpt_every_minutes=5,
-                      sample_every=500),
-    )
-
 
 # ---------------------------------------------------------------------------------------------- latent cache
 
@@ -284,13 +138,13 @@ def build_coda(cfg: CODATrainConfig) -> CODA:
         src = models.load_pretrained(cfg.init_from).float()
         if not isinstance(src, CODA):
             raise ValueError(f"{cfg.init_from} is a {type(src).__name__}, not a CODA tokenizer")
-        model = CODA(dataclasses.replace(src.config, **_tuple_fields(cfg.model_overrides)))
+        model = CODA(dataclasses.replace(src.config, **model_field_overrides(cfg.model_overrides)))
         missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
         bad = [k for k in missing if ".lora_layer." not in k] + list(unexpected)
         if bad:
             raise ValueError(f"{cfg.init_from} does not fit the overridden config: {bad[:8]}")
     else:
-        config = dataclasses.replace(get_config(cfg.model), **_tuple_fields(cfg.model_overrides))
+        config = dataclasses.replace(get_config(cfg.model), **model_field_overrides(cfg.model_overrides))
         model = CODA.with_pretrained_vae(config, cfg.vae_weights)
     if cfg.vae_fp16:
         with torch.no_grad():
@@ -298,10 +152,6 @@ def build_coda(cfg: CODATrainConfig) -> CODA:
                 if not p.requires_grad:
                     p.copy_(p.half().float())
     return model
-
-
-def _tuple_fields(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def usage_stats(model: CODA, indices: torch.Tensor) -> dict[str, Any]:
@@ -345,8 +195,6 @@ def vae_psnr(model: CODA, raw: torch.Tensor, images: torch.Tensor, batch_size: i
 
 def train_coda(cfg: CODATrainConfig) -> Path:
     run = cfg.run
-    if cfg.space not in ("latent", "image"):
-        raise ValueError(f"space must be latent or image, not {cfg.space!r}")
     device = setup_run(run)
     model = build_coda(cfg)
     data = load_training_images(cfg)
@@ -482,7 +330,7 @@ def build_maskgit(cfg: MaskGITTrainConfig, tokenizer: CODA, trained_classes: lis
     overrides = {"trained_classes": tuple(trained_classes), "tokenizer": ref,
                  "tokenizer_sha256": weights_sha256(cfg.tokenizer),
                  "num_tokens": tokenizer.config.num_tokens, "codebook_size": tokenizer.config.codebook_size,
-                 **_tuple_fields(cfg.model_overrides)}
+                 **model_field_overrides(cfg.model_overrides)}
     if cfg.init_from:
         model = models.load_pretrained(cfg.init_from).float()
         model.config = dataclasses.replace(model.config, **overrides)

@@ -282,46 +282,8 @@ def compute_latent_stats(folder: str, *, data: str = "tiny-train", n: int = 1000
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def add_commands(sub) -> None:
-    p = sub.add_parser("eval-tokenizer", help="rFID, PSNR, SSIM, LPIPS of a tokenizer on validation images")
-    p.add_argument("--model", required=True, help="serving folder, registered name, or 'taef2'")
-    p.add_argument("--taef2-weights", help="folder of taef2_{encoder,decoder}.pth (default ../shared/weights/taef2)")
-    p.add_argument("--data", default="tiny-val")
-    p.add_argument("--n", type=int, default=10000)
-    p.add_argument("--no-fid", action="store_true", help="skip rFID (Inception is the slow part on a CPU)")
-    _common(p)
-
-    p = sub.add_parser("eval-generator", help="gFID and classifier accuracy of a generator")
-    p.add_argument("--model", required=True, help="generator serving folder")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the generator config's `tokenizer`)")
-    p.add_argument("--per-class", type=int, default=50)
-    p.add_argument("--cfg", type=float, action="append", help="guidance scale; repeat for several (default 1.0)")
-    p.add_argument("--steps", type=int, help="sampler steps, MAR iterations for MAR (default: the model config's)")
-    p.add_argument("--sampler", help="sampler name (default: the model config's)")
-    p.add_argument("--ref", default="tiny-val", help="reference images for FID and real-image accuracy")
-    p.add_argument("--ref-n", type=int, default=10000)
-    p.add_argument("--floor-n", type=int, default=0, help="also the real-vs-real FID of N train images")
-    p.add_argument("--grid", help="PNG path stem for one sample per class (per cfg scale)")
-    p.add_argument("--no-fid", action="store_true", help="skip gFID (Inception): classifier accuracy only")
-    _common(p)
-
-    p = sub.add_parser("compute-latent-stats", help="measure vq_mean / vq_std and write them into config.json")
-    p.add_argument("--tokenizer", required=True, help="tokenizer serving folder")
-    p.add_argument("--data", default="tiny-train")
-    p.add_argument("--n", type=int, default=10000)
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--dry-run", action="store_true", help="print, do not write")
-    _common(p)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--cache", default="runs/cache", help="folder for cached real-image Inception features")
-    p.add_argument("--out", help="also write the JSON result here")
-
-
 def run_command(args: argparse.Namespace) -> int:
+    """Run ``eval-tokenizer``, ``eval-generator`` or ``compute-latent-stats`` (arguments: training/__main__.py)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.command == "eval-tokenizer":

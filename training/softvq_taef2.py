@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +33,7 @@ import torch.nn.functional as F
 
 import models
 from models.softvq_taef2 import SoftVQTAEF2
-from training import config as C
-from training.config import OptimConfig, RunConfig
+from training.config import LatentTokenizerLossConfig, LatentTokenizerTrainConfig
 from training.data import EpochSampler, load_images, to_float, to_uint8
 from training.feature_cache import FeatureCache, open_feature_cache
 from training.latents import LatentStats
@@ -45,76 +42,6 @@ from training.metrics import psnr
 from training.plots import plot_losses, save_grid
 from training.progress import note
 from training.trainer import Trainer, setup_run
-
-
-@dataclass
-class LatentTokenizerLossConfig:
-    grid_weight: float = 1.0  # MSE on the normalised TAEF2 latent grid
-    kl_weight: float = 0.01  # SoftVQ KL term H(q) - H(E_x q)
-    align_weight: float = 0.1  # 1 - cos(MLP(tokens), Lite0 features); 0 disables
-    align_hidden: int = 512
-
-
-@dataclass
-class LatentTokenizerTrainConfig:
-    """Training of a ``softvq-taef2`` tokenizer from cached TAEF2 latents (module docstring)."""
-
-    model: str = "softvq-taef2-32x64"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    init_from: str | None = None  # a serving folder to fine-tune (keeps its latent_shift / latent_scale)
-    taef2: str | None = None  # folder of the original TAEF2 weights (default: models.taef2.DEFAULT_WEIGHTS)
-    cache: str = "runs/cache/tiny-train"  # feature cache of the training images
-    val_cache: str = "runs/cache/tiny-val"  # feature cache of the held-out images
-    val_source: str = "tiny-val"  # the held-out images themselves (for PSNR), same order as val_cache
-    val_images: int = 200  # held-out images measured at each sample step
-    max_images: int | None = None  # use only the first N cached training images
-    flip: bool = True
-    stats_images: int = 10000
-    wip_dir: str | None = None  # also write a committable wip folder (Trainer.save_wip) at each sample step
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=200, weight_decay=0.0,
-                                                                   min_lr_ratio=0.05))
-    run: RunConfig = field(default_factory=lambda: RunConfig(batch_size=64, ema_decay=0.999))
-    loss: LatentTokenizerLossConfig = field(default_factory=LatentTokenizerLossConfig)
-    kind: str = "softvq-taef2"
-
-
-C.TRAIN_KINDS["softvq-taef2"] = LatentTokenizerTrainConfig
-
-
-@C.named
-def softvq_taef2_tiny() -> LatentTokenizerTrainConfig:
-    """CI: softvq-taef2-tiny on a small feature cache (made by the test), a few dozen steps."""
-    return LatentTokenizerTrainConfig(
-        model="softvq-taef2-tiny",
-        cache="runs/cache/tiny-ci", val_cache="runs/cache/tiny-ci", val_images=8,
-        optim=OptimConfig(lr=2e-3, warmup_steps=5, weight_decay=0.0),
-        run=RunConfig(out_dir="runs/softvq-taef2-tiny", steps=30, batch_size=16, log_every=5, ckpt_every=20,
-                      sample_every=30, ema_decay=0.9, threads=1),
-        loss=LatentTokenizerLossConfig(align_hidden=64),
-        stats_images=64,
-    )
-
-
-def _full(model: str) -> LatentTokenizerTrainConfig:
-    return LatentTokenizerTrainConfig(
-        model=model,
-        run=RunConfig(out_dir=f"runs/{model}", steps=10000, batch_size=64, threads=2, ema_decay=0.999,
-                      log_every=20, ckpt_every=500, ckpt_every_minutes=5, sample_every=500),
-        wip_dir=f"weights/wip/{model}",
-    )
-
-
-@C.named
-def softvq_taef2_32x64() -> LatentTokenizerTrainConfig:
-    """softvq-taef2-32x64 (32 tokens x 64, 2,048 floats) on all 100k Tiny ImageNet train latents."""
-    return _full("softvq-taef2-32x64")
-
-
-@C.named
-def softvq_taef2_32() -> LatentTokenizerTrainConfig:
-    """softvq-taef2-32 (32 tokens x 32, 1,024 floats) on all 100k Tiny ImageNet train latents."""
-    return _full("softvq-taef2-32")
-
 
 # ---------------------------------------------------------------------------------------------- pieces
 
@@ -265,43 +192,5 @@ def export(trainer: Trainer, cfg: LatentTokenizerTrainConfig, stats_latents: tor
     return out
 
 
-__all__ = ["LatentTokenizerTrainConfig", "build_model", "held_out", "train_softvq_taef2"]
+__all__ = ["LatentTokenizerLossConfig", "LatentTokenizerTrainConfig", "build_model", "held_out", "train_softvq_taef2"]
 
-
-# ---------------------------------------------------------------------------------------------- generators
-# The SiT recipe of the same-budget comparison (issue #16, item 4): one architecture and schedule, trained on
-# the 32 tokens of a softvq-taef2 tokenizer or on TAEF2's own 64 tokens, from the same feature cache.
-
-
-def _sit(tokens: int, dim: int, tokenizer: str, tokenizer_ref: str, out: str) -> C.GeneratorTrainConfig:
-    return C.GeneratorTrainConfig(
-        model=f"sit-s-{tokens}x{dim}",
-        model_overrides={"hidden_size": 256, "depth": 6, "num_heads": 4, "mlp_ratio": 2.5, "cfg_scale": 2.0,
-                         "guidance_high": 0.7, "steps": 50, "sampler": "sde"},
-        tokenizer=tokenizer,
-        tokenizer_ref=tokenizer_ref,
-        feature_cache="runs/cache/tiny-train",
-        encode_flip=True,  # 200k latents: the 100k images and their mirrors (the grid flipped)
-        repa_weight=0.5,
-        repa_depth=2,
-        optim=OptimConfig(lr=3e-4, warmup_steps=500, weight_decay=0.0, min_lr_ratio=0.1),
-        run=RunConfig(out_dir=out, steps=30000, batch_size=64, threads=2, ema_decay=0.9995, log_every=20,
-                      ckpt_every=500, ckpt_every_minutes=5, sample_every=1000),
-        t_sampling="lognormal",
-        class_dropout=0.1,
-        sample_steps=25,
-        sample_cfg=2.0,
-    )
-
-
-@C.named
-def sit_softvq_taef2() -> C.GeneratorTrainConfig:
-    """SiT (width 256, depth 6, ~5.9 M parameters) with REPA on the 32 tokens of softvq-taef2-32x64, all 100k
-    Tiny ImageNet train images and their mirrors (feature cache), 200 classes."""
-    return _sit(32, 64, "runs/softvq-taef2-32x64/export", "default-tokenizer", "runs/sit-softvq-taef2")
-
-
-@C.named
-def sit_taef2_64() -> C.GeneratorTrainConfig:
-    """The same SiT recipe on TAEF2's own 64 tokens (the same-budget comparison's baseline)."""
-    return _sit(64, 32, "weights/default/tokenizer", "default-taef2", "runs/sit-taef2-64")

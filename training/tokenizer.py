@@ -90,8 +90,6 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         from training.init import patch_routing_init
 
         patch_routing_init(model, to_float(data.images[: cfg.init_images]), seed=run.seed)
-    elif cfg.init != "random":
-        raise ValueError(f"unknown init {cfg.init!r} (random | patch-routing)")
     model = model.to(device)
     token_dim = model.config.token_dim
 
@@ -108,7 +106,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     trainer.add_optimizer("model", params, cfg.optim)
     if "disc" in extra:
         trainer.add_optimizer("disc", extra["disc"].parameters(),
-                              dataclasses.replace(cfg.optim, lr=lc.disc_lr, betas=(0.5, 0.9), weight_decay=0.0))
+                              cfg.optim.model_copy(update={"lr": lc.disc_lr, "betas": (0.5, 0.9), "weight_decay": 0.0}))
     trainer.maybe_resume()
     last_layer = last_decoder_weight(model)
     sampler = EpochSampler(len(data), run.batch_size, run.seed)

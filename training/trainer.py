@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -26,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from models.registry import config_to_dict
-from training.config import OptimConfig, RunConfig
+from training.config import OptimConfig, RunConfig, to_dict
 
 
 def pick_device(name: str) -> torch.device:
@@ -156,8 +155,6 @@ class Trainer:
         self.device = pick_device(run.device)
         self.optimizers: dict[str, tuple[torch.optim.Optimizer, OptimConfig]] = {}
         self.ema = EMA(model, run.ema_decay) if run.ema_decay > 0 else None
-        if run.budget_clock not in ("wall", "cpu"):
-            raise ValueError(f"run.budget_clock must be wall or cpu, not {run.budget_clock!r}")
         self._clock = time.process_time if run.budget_clock == "cpu" else time.time
         self.step = 0
         self.elapsed = 0.0  # training seconds (of run.budget_clock) over all sessions, resume included
@@ -243,7 +240,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "extra": {k: m.state_dict() for k, m in self.extra.items()},
             "optimizers": {k: o.state_dict() for k, (o, _) in self.optimizers.items()},
-            "run_config": dataclasses.asdict(self.cfg),
+            "run_config": to_dict(self.cfg),
             "torch_rng": torch.get_rng_state(),
         }
         tmp = path.with_suffix(".tmp")
@@ -277,7 +274,7 @@ class Trainer:
         save_file(tensors, str(out / self.WIP_WEIGHTS))
         state = {"step": self.step, "elapsed": self.elapsed_now, "cpu_elapsed": self.cpu_now,
                  "images_seen": self.images_seen, "ema_updates": self.ema.updates if self.ema else 0,
-                 "model_config": config_to_dict(self.model), "run_config": dataclasses.asdict(self.cfg)}
+                 "model_config": config_to_dict(self.model), "run_config": to_dict(self.cfg)}
         (out / self.WIP_STATE).write_text(json.dumps(state, indent=2) + "\n")
         return out
 
@@ -356,7 +353,7 @@ class Trainer:
             on_sample: Callable[[int], None] | None = None) -> None:
         """Run ``step_fn`` from the current step to ``run.steps`` (or the wall-clock budget)."""
         run = self.run
-        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
+        (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
         bar = Progress(run.progress, run.steps, self.step)
         window_t, window_n, acc, acc_n = time.time(), 0, {}, 0
         try:

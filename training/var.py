@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,65 +31,13 @@ import torch.nn.functional as F
 import models
 from models.hub import weights_sha256
 from models.var import VAR, tokenizer_matches
-from training import config as C
-from training.config import DataConfig, OptimConfig, RunConfig, served_tokenizer_name
+from training.config import VARTrainConfig, model_field_overrides, served_tokenizer_name
 from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
-from training.discrete import CodeGeneratorTrainConfig, fit_and_export, held_out_loss
+from training.discrete import fit_and_export, held_out_loss
 from training.latents import encode_cached, weights_fingerprint
 from training.progress import progress
 from training.tokenizer import load_training_images
 from training.trainer import Trainer, setup_run
-
-
-@dataclass
-class VARTrainConfig(CodeGeneratorTrainConfig):
-    """Training of a VAR generator on the codes of an ImageFolder serving folder (module docstring)."""
-
-    model: str = "var-s-64"  # a registered VAR configuration; scales / branches / codebook come from the tokenizer
-    tokenizer: str = "runs/imagefolder-s-64/export"  # ImageFolder serving folder whose codes we model
-    encode_batch_size: int = 100
-    label_smoothing: float = 0.0
-    sample_cfg: float = 1.5
-    kind: str = "var"
-
-
-C.TRAIN_KINDS["var"] = VARTrainConfig
-
-
-@C.named
-def var_tiny() -> VARTrainConfig:
-    """CI: var-tiny-64 on the codes of an imagefolder-tiny-64 export (a few dozen real images)."""
-    return VARTrainConfig(
-        model="var-tiny-64",
-        tokenizer="runs/imagefolder-tiny/export",
-        data=DataConfig(train="tiny-val", max_images=32, flip=False),
-        val_images=16, sample_classes=2, sample_per_class=2, encode_batch_size=32,
-        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
-        run=RunConfig(out_dir="runs/var-tiny", steps=20, batch_size=16, log_every=5, ckpt_every=100,
-                      sample_every=20, ema_decay=0.9, threads=1),
-    )
-
-
-@C.named
-def var_imagefolder() -> VARTrainConfig:
-    """The shipped VAR (``weights/default/var``, served as ``default-var``): var-s-64, width 128, depth 4,
-    4 heads (1.5 M parameters, 3 MB fp16) on the codes that the shipped ``default-imagefolder`` gives 20k Tiny
-    ImageNet train images (200 classes), one CPU thread, 35 CPU minutes."""
-    return VARTrainConfig(
-        model="var-s-64",
-        tokenizer="weights/default/imagefolder",
-        tokenizer_ref="default-imagefolder",
-        data=DataConfig(max_images=20000, flip=False),
-        val_images=500,
-        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=100, min_lr_ratio=0.05),
-        run=RunConfig(out_dir="runs/var-imagefolder", steps=40000, max_minutes=35, budget_clock="cpu",
-                      batch_size=32, threads=1, ema_decay=0.999, log_every=20, ckpt_every=500,
-                      ckpt_every_minutes=5, sample_every=500),
-    )
-
-
-def _tuple_fields(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def load_tokenizer(path: str, device: torch.device | str = "cpu") -> nn.Module:
@@ -135,7 +81,7 @@ def build_var(cfg: VARTrainConfig, tokenizer: nn.Module, trained_classes: list[i
     overrides = {"trained_classes": tuple(trained_classes), "tokenizer": ref,
                  "tokenizer_sha256": weights_sha256(cfg.tokenizer), "scales": tuple(t.scales),
                  "num_branches": t.num_branches, "codebook_size": t.codebook_size,
-                 "code_dim": t.num_branches * t.code_dim, **_tuple_fields(cfg.model_overrides)}
+                 "code_dim": t.num_branches * t.code_dim, **model_field_overrides(cfg.model_overrides)}
     if cfg.init_from:
         model = models.load_pretrained(cfg.init_from).float()
         model.config = dataclasses.replace(model.config, **overrides)

@@ -15,9 +15,9 @@ from models.sampling import SampleRequest, get_sampler, run_to_completion
 from models.sampling.maskgit import MaskGITSampler
 from models.taef2 import DEFAULT_WEIGHTS
 from training import config as C
-from training import discrete  # noqa: F401  (registers the coda / maskgit configs)
 from training.__main__ import main
 from training.data import load_images, tiny_imagenet_validation, to_float
+from training.named import get_named
 
 pytestmark = pytest.mark.skipif(not (tiny_imagenet_validation()[0].exists() and DEFAULT_WEIGHTS.exists()),
                                 reason="shared data / TAEF2 weights not present")
@@ -48,9 +48,9 @@ def _maskgit_args(out: Path, tok: Path, cache: Path, *extra: str) -> list[str]:
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("discrete")
     cache = root / "latents"
-    # the coda run goes through a JSON config file (TRAIN_KINDS round trip) and the CLI
+    # the coda run goes through a JSON config file (KINDS round trip) and the CLI
     cfg_file = root / "coda.json"
-    cfg_file.write_text(json.dumps(C.to_dict(C.get_named("coda-tiny"))))
+    cfg_file.write_text(json.dumps(C.to_dict(get_named("coda-tiny"))))
     assert main(["coda", f"--config={cfg_file}", *_coda_args(root / "coda", cache)]) == 0
     after_coda = sorted(cache.glob("*.pt"))
     assert main(_maskgit_args(root / "maskgit", root / "coda" / "export", cache)) == 0
@@ -60,7 +60,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 def test_configs_round_trip() -> None:
     for name in ("coda-tiny", "coda-taef2", "coda-taef2-image", "maskgit-tiny", "maskgit-taef2"):
-        cfg = C.get_named(name)
+        cfg = get_named(name)
         back = C.from_dict(json.loads(json.dumps(C.to_dict(cfg))))
         assert back == cfg and type(back) is type(cfg)
 

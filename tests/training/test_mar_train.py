@@ -95,10 +95,11 @@ def test_mar_trains_resumes_and_exports(run: tuple[Path, Path]) -> None:
     assert tokenizer.decode(tokenizer.denormalize_latents(lat)).shape == (2, 3, 64, 64)
 
 
-def test_mar_command_refuses_other_families(run: tuple[Path, Path]) -> None:
+def test_mar_command_refuses_other_families(run: tuple[Path, Path], capsys) -> None:
     root, tok = run
-    with pytest.raises(SystemExit, match="not a MAR"):
-        main(["mar", "--config", "generator-tiny", "--tokenizer", str(tok), "--out", str(root / "x")])
+    assert main(["mar", "--config", "generator-tiny", "--tokenizer", str(tok), "--out", str(root / "x")]) == 2
+    assert "config error: model = 'sit-tiny-64x32' is not a MAR" in capsys.readouterr().err
+    assert not (root / "x").exists()  # refused before anything was loaded or written
 
 
 def test_eval_generator_and_figures_on_mar(run: tuple[Path, Path]) -> None:

@@ -23,6 +23,7 @@ from training import data as D
 from training.data import ImageSet, tiny_imagenet_validation
 from training.generator import prepare_latents
 from training.latents import encode_cached
+from training.named import get_named
 from training.progress import LineBar, progress
 
 pytestmark = pytest.mark.skipif(not tiny_imagenet_validation()[0].exists(), reason="shared data not present")
@@ -83,7 +84,7 @@ def test_prepare_latents_reuses_the_cache_and_recomputes_when_a_setting_changes(
     cache = tmp_path / "latents.pt"
 
     def cfg(*overrides: str) -> C.GeneratorTrainConfig:
-        return C.apply_overrides(C.get_named("generator-tiny"), [
+        return C.apply_overrides(get_named("generator-tiny"), [
             f"tokenizer={tokenizer_dir}", f"run.out_dir={tmp_path / 'run'}", f"latent_cache={cache}",
             "data.max_images=24", *overrides])
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import models
-import training.softvq_taef2  # noqa: F401  (registers the softvq-taef2 and SiT-on-TAEF2 configs)
 from models.taef2 import DEFAULT_WEIGHTS, TAEF2
-from training.config import apply_overrides, get_named
+from training.config import apply_overrides
 from training.data import load_images, tiny_imagenet_validation, to_float
 from training.feature_cache import FeatureCacheConfig, build_feature_cache, open_feature_cache
+from training.named import get_named
 
 pytestmark = pytest.mark.skipif(
     not (Path(DEFAULT_WEIGHTS) / "taef2_encoder.pth").exists() or not tiny_imagenet_validation()[0].exists(),
@@ -185,3 +185,29 @@ def test_taef2_tokens_from_cached_latents_equal_encode(cache_dir: Path) -> None:
         direct = taef2.encode(to_float(real.images))
     z = torch.from_numpy(open_feature_cache(cache_dir).latents[:4].astype(np.float32))
     torch.testing.assert_close(taef2.tokens_from_latents(z), direct, atol=2e-2, rtol=1e-2)
+
+
+def test_the_committed_wip_folder_resumes_under_the_live_command(tmp_path) -> None:
+    """The live run's exact resume command (its config validated by the CLI) rebuilds the model and the trainer
+    and loads the committed weights/wip/softvq-taef2-32x64 folder: step, counters and EMA weights come back."""
+    from safetensors.torch import load_file
+
+    from training.__main__ import COMMANDS, build_parser, build_train_config
+    from training.softvq_taef2 import build_model
+    from training.trainer import Trainer
+
+    root = Path(__file__).resolve().parents[2]
+    wip = root / "weights" / "wip" / "softvq-taef2-32x64"
+    args = build_parser().parse_args(["softvq-taef2", "--config", "softvq-taef2-32x64",
+                                      f"run.resume_from={wip}", "run.steps=20000", "run.progress=log",
+                                      f"run.out_dir={tmp_path / 'run'}"])
+    cfg = build_train_config(COMMANDS["softvq-taef2"], args)
+    model = build_model(cfg, cache=None)  # the wip's latent shift / scale: the cache is not read
+    state = json.loads((wip / "wip.json").read_text())
+    assert model.config.latent_shift == state["model_config"]["latent_shift"]
+    trainer = Trainer(cfg, model, cfg.run)
+    assert trainer.maybe_resume()
+    assert (trainer.step, trainer.images_seen) == (state["step"], state["images_seen"])
+    ema = load_file(str(wip / "wip.safetensors"))
+    name = next(k for k in ema if k.startswith("ema.") and not k.startswith("ema.vae."))
+    torch.testing.assert_close(trainer.ema.model.state_dict()[name[4:]].half(), ema[name])

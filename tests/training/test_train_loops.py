@@ -12,6 +12,7 @@ import models
 from training import config as C
 from training.data import load_images, tiny_imagenet_validation, to_float
 from training.generator import train_generator
+from training.named import get_named
 from training.objectives import flow_matching_loss
 from training.tokenizer import train_tokenizer
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(not tiny_imagenet_validation()[0].exists(), reas
 
 
 def _tok_cfg(out: Path, **run) -> C.TokenizerTrainConfig:
-    cfg = C.get_named("tokenizer-tiny")
+    cfg = get_named("tokenizer-tiny")
     return C.apply_overrides(cfg, [
         f"run.out_dir={out}", "run.sample_every=30", "run.ckpt_every=100", "data.max_images=192",
         "run.progress=none", *[f"run.{k}={json.dumps(v)}" for k, v in run.items()],
@@ -27,7 +28,7 @@ def _tok_cfg(out: Path, **run) -> C.TokenizerTrainConfig:
 
 
 def _gen_cfg(out: Path, tokenizer: Path, model: str = "sit-tiny-64x32", **run) -> C.GeneratorTrainConfig:
-    cfg = C.get_named("generator-tiny")
+    cfg = get_named("generator-tiny")
     return C.apply_overrides(cfg, [
         f"model={model}", f"tokenizer={tokenizer}", f"run.out_dir={out}", "run.sample_every=60", "run.ckpt_every=100", "run.progress=none", "data.max_images=192", "sample_steps=4",
         f"latent_cache={out.parent / 'latents.pt'}", *[f"run.{k}={json.dumps(v)}" for k, v in run.items()],

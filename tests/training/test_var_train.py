@@ -16,10 +16,10 @@ from models.imagefolder import ImageFolderModel
 from models.sampling import SampleRequest, get_sampler, output_shape, run_to_completion
 from models.sampling.var import VARSampler
 from training import config as C
-from training import var as var_training  # noqa: F401  (registers the var configs)
 from training.__main__ import main
 from training.data import load_images, tiny_imagenet_validation, to_float
 from training.evaluate import eval_generator, resolve_tokenizer_path
+from training.named import get_named
 from training.xqgan.config import parse_config
 from training.xqgan.train import train_xqgan
 
@@ -59,7 +59,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 def test_config_round_trips() -> None:
     for name in ("var-tiny", "var-imagefolder"):
-        cfg = C.get_named(name)
+        cfg = get_named(name)
         back = C.from_dict(json.loads(json.dumps(C.to_dict(cfg))))
         assert back == cfg and type(back) is type(cfg)
 

@@ -8,22 +8,8 @@ import argparse
 import json
 import sys
 
-from training.xqgan.config import ConfigError, check_model, load_config, parse_config, to_dict
-
-
-def _override(doc: dict, item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not section.key=value")
-    path, text = item.split("=", 1)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    *parents, last = path.strip().split(".")
-    node = doc
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
+from training.config import apply_overrides
+from training.xqgan.config import ConfigError, check_model, load_config, to_dict
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,14 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         overrides.insert(0, f"run.steps={args.steps}")
     if args.out:
-        overrides.insert(0, f"run.out_dir={json.dumps(args.out)}")
+        overrides.insert(0, f"run.out_dir={args.out}")
     try:
-        cfg = load_config(args.config)
-        if overrides:
-            doc = to_dict(cfg)
-            for item in overrides:
-                _override(doc, item)
-            cfg = parse_config(doc)
+        cfg = apply_overrides(load_config(args.config), overrides)
         mcfg = check_model(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

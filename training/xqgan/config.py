@@ -9,7 +9,8 @@
     [data] [optim] [run]   the fields of training.config.DataConfig / OptimConfig / RunConfig
 
 Examples: ``configs/xqgan/*.toml``. :func:`load_config` parses and checks everything that needs no model
-(unknown sections or keys, with a suggestion; types; unknown choices; choices that contradict each other);
+(unknown sections or keys, with a suggestion; types; unknown choices; choices that contradict each other), with
+the pydantic models and messages of :mod:`training.config`;
 :func:`check_model` then builds the chosen model on the meta device (no memory, no weights) and checks what
 depends on it: the registry name and its pipeline, the quantizer fields, the alignment group, the image size
 a discriminator needs, the LoRA targets. Every problem raises :class:`ConfigError` naming the key.
@@ -19,23 +20,34 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from training.config import DataConfig, OptimConfig, RunConfig
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from training.config import (
+    ConfigError,
+    ConfigModel,
+    DataConfig,
+    OptimConfig,
+    ReconLoss,
+    RunConfig,
+    read_document,
+    validate,
+)
 from training.xqgan.discriminators import DISCRIMINATORS
 from training.xqgan.finetune import DEFAULT_LORA_TARGETS, FinetuneConfig
 from training.xqgan.losses import GAN_LOSSES
 
-BACKBONES: tuple[str, ...] = ("v", "sc")
-QUANTIZER_KINDS: tuple[str, ...] = ("vq", "lfq", "bsq", "msrq")
-ALIGNMENTS: tuple[str, ...] = ("none", "contrastive")
-ALIGN_ENCODERS: tuple[str, ...] = ("efficientnet-lite0",)
-RECON_LOSSES: tuple[str, ...] = ("l1", "l2", "l1+l2")
+Backbone = Literal["v", "sc"]
+QuantizerKind = Literal["vq", "lfq", "bsq", "msrq"]
+Alignment = Literal["none", "contrastive"]
+AlignEncoder = Literal["efficientnet-lite0"]
+BACKBONES: tuple[str, ...] = get_args(Backbone)
+QUANTIZER_KINDS: tuple[str, ...] = get_args(QuantizerKind)
+ALIGNMENTS: tuple[str, ...] = get_args(Alignment)
+ALIGN_ENCODERS: tuple[str, ...] = get_args(AlignEncoder)
+RECON_LOSSES: tuple[str, ...] = get_args(ReconLoss)
 # [quantizer] key -> the model config field it sets
 QUANTIZER_FIELDS: dict[str, str] = {
     "kind": "quantizer",
@@ -50,11 +62,8 @@ QUANTIZER_FIELDS: dict[str, str] = {
 }
 
 
-class ConfigError(ValueError):
-    """An invalid XQ-GAN training configuration; the message names the offending key."""
-
-
 def _choice(where: str, value: str, choices: tuple[str, ...]) -> None:
+    """A choice from a menu known only at run time (the registered discriminators and GAN losses)."""
     if value not in choices:
         hint = difflib.get_close_matches(value, choices, n=1)
         raise ConfigError(
@@ -63,135 +72,124 @@ def _choice(where: str, value: str, choices: tuple[str, ...]) -> None:
         )
 
 
-@dataclass(frozen=True)
-class ModelSection:
+class Section(ConfigModel):
+    """A table of the TOML file: frozen once read."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class ModelSection(Section):
     """Which tokenizer: ``backbone`` ``v`` (the CNN of :mod:`models.xqgan_cnn`) or ``sc`` (the ViT with
     learnable query tokens, e.g. ``imagefolder-tiny-64``); ``name`` a registered configuration;
     ``init_from`` a serving folder to fine-tune; ``overrides`` other fields of the model's config."""
 
-    backbone: str = "v"
+    backbone: Backbone = "v"
     name: str = "xqgan-v-tiny-64"
     init_from: str = ""
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        _choice("model.backbone", self.backbone, BACKBONES)
+    @model_validator(mode="after")
+    def _named_or_folder(self) -> ModelSection:
         if not self.name and not self.init_from:
             raise ConfigError("model.name (a registered configuration) or model.init_from is required")
+        return self
 
 
-@dataclass(frozen=True)
-class QuantizerSection:
+class QuantizerSection(Section):
     """The quantizer; an unset key keeps the named model's value. ``kind`` the base quantizer, ``groups`` P
     (product over channel groups), ``levels`` Q (residual levels per group), ``codebook_size`` V (VQ, MSRQ;
     LFQ / BSQ have 2^(dim / P)), ``dim`` the total quantized channels, ``dropout`` residual-level dropout."""
 
-    kind: str | None = None
-    groups: int | None = None
-    levels: int | None = None
+    kind: QuantizerKind | None = None
+    groups: int | None = Field(None, ge=1)
+    levels: int | None = Field(None, ge=1)
     codebook_size: int | None = None
-    dim: int | None = None
+    dim: int | None = Field(None, ge=1)
     dropout: float | None = None
     beta: float | None = None
     entropy_weight: float | None = None
     cosine: bool | None = None
 
-    def __post_init__(self) -> None:
-        if self.kind is not None:
-            _choice("quantizer.kind", self.kind, QUANTIZER_KINDS)
-        for key in ("groups", "levels", "dim"):
-            v = getattr(self, key)
-            if v is not None and v < 1:
-                raise ConfigError(f"quantizer.{key} must be >= 1, got {v}")
-
     def overrides(self) -> dict[str, Any]:
         """The model config fields this section sets."""
-        return {QUANTIZER_FIELDS[k]: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {QUANTIZER_FIELDS[k]: v for k, v in self.model_dump().items() if v is not None}
 
 
-@dataclass(frozen=True)
-class AlignmentSection:
+class AlignmentSection(Section):
     """Semantic alignment: ``contrastive`` = CLIP loss between the spatial mean of quantizer group ``group``
     and the pooled features of the frozen ``encoder`` (at ``resolution`` px), ``temperature``,
     ``normalize``."""
 
-    kind: str = "none"
-    encoder: str = "efficientnet-lite0"
-    weight: float = 0.1
-    temperature: float = 0.1
+    kind: Alignment = "none"
+    encoder: AlignEncoder = "efficientnet-lite0"
+    weight: float = Field(0.1, ge=0)
+    temperature: float = Field(0.1, gt=0)
     normalize: bool = True
     group: int = -1
     resolution: int = 224
 
-    def __post_init__(self) -> None:
-        _choice("alignment.kind", self.kind, ALIGNMENTS)
-        _choice("alignment.encoder", self.encoder, ALIGN_ENCODERS)
-        if self.temperature <= 0:
-            raise ConfigError(f"alignment.temperature must be > 0, got {self.temperature}")
-        if self.weight < 0:
-            raise ConfigError("alignment.weight must be >= 0")
 
-
-@dataclass(frozen=True)
-class DiscriminatorSection:
+class DiscriminatorSection(Section):
     """Adversarial training: ``kind``, GAN ``loss``, ``weight`` (times the adaptive gradient-norm ratio when
     ``adaptive``), ``start`` step, ``lr``, ``lecam`` weight (0: off), PatchGAN ``ndf`` / ``layers`` / ``norm``
     (``ndf`` is also the StyleGAN base width), ``resolution`` of the frozen backbone (``dino``) and
     DiffAugment on its inputs (``augment``)."""
 
-    kind: str = "none"
-    loss: str = "hinge"
-    weight: float = 0.5
+    kind: str = "none"  # none | a registered discriminator (training.xqgan.discriminators.DISCRIMINATORS)
+    loss: str = "hinge"  # a GAN loss of training.xqgan.losses.GAN_LOSSES
+    weight: float = Field(0.5, ge=0)
     adaptive: bool = True
-    start: int = 0
+    start: int = Field(0, ge=0)
     lr: float = 1e-4
-    lecam: float = 0.0
+    lecam: float = Field(0.0, ge=0)
     ndf: int = 64
     layers: int = 3
-    norm: str = "batch"
+    norm: Literal["batch", "group"] = "batch"
     resolution: int = 224
     augment: bool = True
 
-    def __post_init__(self) -> None:
-        _choice("discriminator.kind", self.kind, ("none", *DISCRIMINATORS))
-        _choice("discriminator.loss", self.loss, GAN_LOSSES)
-        _choice("discriminator.norm", self.norm, ("batch", "group"))
-        if self.start < 0 or self.weight < 0 or self.lecam < 0:
-            raise ConfigError("discriminator.start, .weight and .lecam must be >= 0")
+    @field_validator("kind")
+    @classmethod
+    def _known_discriminator(cls, v: str) -> str:
+        _choice("discriminator.kind", v, ("none", *DISCRIMINATORS))
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        _choice("discriminator.loss", v, GAN_LOSSES)
+        return v
 
 
-@dataclass(frozen=True)
-class LossSection:
+class LossSection(Section):
     """Reconstruction (``recon`` l1 | l2 | l1+l2) and LPIPS weights; ``quantizer_weight`` multiplies the
     quantizer's own (already weighted) losses: codebook, commitment, entropy."""
 
-    recon: str = "l2"
+    recon: ReconLoss = "l2"
     recon_weight: float = 1.0
     lpips_weight: float = 1.0
     lpips_max_images: int = 0
     quantizer_weight: float = 1.0
 
-    def __post_init__(self) -> None:
-        _choice("loss.recon", self.recon, RECON_LOSSES)
 
+class XQGANTrainConfig(ConfigModel):
+    """A whole XQ-GAN run (module docstring); the sections are checked against each other on construction."""
 
-@dataclass
-class XQGANTrainConfig:
-    """A whole XQ-GAN run (module docstring)."""
+    model: ModelSection = Field(default_factory=ModelSection)
+    quantizer: QuantizerSection = Field(default_factory=QuantizerSection)
+    alignment: AlignmentSection = Field(default_factory=AlignmentSection)
+    discriminator: DiscriminatorSection = Field(default_factory=DiscriminatorSection)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    loss: LossSection = Field(default_factory=LossSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=lambda: RunConfig(out_dir="runs/xqgan"))
+    kind: Literal["xqgan"] = "xqgan"
 
-    model: ModelSection = field(default_factory=ModelSection)
-    quantizer: QuantizerSection = field(default_factory=QuantizerSection)
-    alignment: AlignmentSection = field(default_factory=AlignmentSection)
-    discriminator: DiscriminatorSection = field(default_factory=DiscriminatorSection)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    loss: LossSection = field(default_factory=LossSection)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/xqgan"))
-    kind: str = "xqgan"
-
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> XQGANTrainConfig:
         check_choices(self)
+        return self
 
     def model_overrides(self) -> dict[str, Any]:
         """All model config fields set by the file: ``[model.overrides]`` then ``[quantizer]``."""
@@ -201,114 +199,22 @@ class XQGANTrainConfig:
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        errors = []
-        for arg in (a for a in typing.get_args(tp) if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where} must be an array, got {value!r}")
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return tuple(
-            _coerce(v, args[0] if len(args) == 1 else args[i], f"{where}[{i}]") for i, v in enumerate(value)
-        )
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a table, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def _build(cls: type, table: Any, where: str) -> Any:
-    if not isinstance(table, dict):
-        raise ConfigError(f"[{where}] must be a table")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in table.items():
-        if key not in names:
-            hint = difflib.get_close_matches(key, names, n=1)
-            raise ConfigError(
-                f"unknown key {where}.{key}"
-                + (f" (did you mean {where}.{hint[0]}?)" if hint else "")
-                + f"; known: {names}"
-            )
-        tp = hints[key]
-        kwargs[key] = (
-            _build(tp, value, f"{where}.{key}")
-            if dataclasses.is_dataclass(tp)
-            else _coerce(value, tp, f"{where}.{key}")
-        )
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"[{where}]: {e}") from e
-
-
-SECTIONS = tuple(f.name for f in dataclasses.fields(XQGANTrainConfig) if f.name != "kind")
-
-
 def parse_config(d: dict[str, Any]) -> XQGANTrainConfig:
-    """Build and check a config from a parsed TOML document (or a ``dataclasses.asdict`` of one)."""
-    d = dict(d)
-    kind = d.pop("kind", "xqgan")
-    if kind != "xqgan":
-        raise ConfigError(f"kind = {kind!r}: this is the XQ-GAN config format (kind = 'xqgan')")
-    hints = typing.get_type_hints(XQGANTrainConfig)
-    kwargs = {}
-    for key, table in d.items():
-        if key not in SECTIONS:
-            hint = difflib.get_close_matches(key, SECTIONS, n=1)
-            raise ConfigError(
-                f"unknown section [{key}]"
-                + (f" (did you mean [{hint[0]}]?)" if hint else "")
-                + f"; known: {list(SECTIONS)}"
-            )
-        kwargs[key] = _build(hints[key], table, key)
-    return XQGANTrainConfig(**kwargs)
+    """Build and check a config from a parsed TOML document (or :func:`to_dict` of one)."""
+    return validate(XQGANTrainConfig, d)
 
 
 def load_config(path: str | Path) -> XQGANTrainConfig:
     """Read and check a TOML config file."""
-    p = Path(path)
-    try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from e
+    doc = read_document(path)
     try:
         return parse_config(doc)
     except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from e
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def check_choices(cfg: XQGANTrainConfig) -> None:
-    """The checks between sections that need no model (called by the constructor)."""
+    """The checks between sections that need no model (run on construction and assignment)."""
     ft, disc = cfg.finetune, cfg.discriminator
     tuning = [p for p in ("encoder", "decoder") if getattr(ft, p) != "full"]
     if tuning and not cfg.model.init_from:
@@ -483,17 +389,10 @@ def check_model(cfg: XQGANTrainConfig) -> Any:
     return mcfg
 
 
-def to_dict(cfg: XQGANTrainConfig) -> dict[str, Any]:
-    """A JSON / TOML-ready dict (``parse_config(to_dict(cfg)) == cfg``); tuples become lists."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple | list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items() if x is not None}
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+def to_dict(cfg: ConfigModel) -> dict[str, Any]:
+    """A JSON / TOML-ready dict of a config or a section (``parse_config(to_dict(cfg)) == cfg``); tuples become
+    lists, unset (None) values are left out (TOML has no null)."""
+    return cfg.model_dump(mode="json", exclude_none=True)
 
 
 __all__ = [

@@ -17,37 +17,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch.nn as nn
+from pydantic import ConfigDict, Field
 
 from models.lora import apply_lora, lora_layers, merge_lora
+from training.config import ConfigModel
 
-FINETUNE_MODES: tuple[str, ...] = ("full", "lora", "frozen")
+FinetuneMode = Literal["full", "lora", "frozen"]
+FINETUNE_MODES: tuple[str, ...] = get_args(FinetuneMode)
 PARTS: tuple[str, ...] = ("encoder", "decoder")
 # LoRA targets: substrings of the layer names inside the backbone. The CNN's residual-block convs by default;
 # add ".q", ".k", ".v", ".proj_out" for its attention, or "mlp.fc" for a ViT (XQ-GAN's choice).
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("conv1", "conv2")
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """One mode per part, and the LoRA settings shared by the parts in ``lora`` mode."""
+class FinetuneConfig(ConfigModel):
+    """One mode per part, and the LoRA settings shared by the parts in ``lora`` mode (the ``[finetune]`` table
+    of an XQ-GAN config)."""
 
-    encoder: str = "full"
-    decoder: str = "full"
-    lora_rank: int = 8
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    model_config = ConfigDict(frozen=True)
+
+    encoder: FinetuneMode = "full"
+    decoder: FinetuneMode = "full"
+    lora_rank: int = Field(8, ge=1)
+    lora_targets: tuple[str, ...] = Field(DEFAULT_LORA_TARGETS, min_length=1)  # layer-name substrings
     train_norms: bool = False
-
-    def __post_init__(self) -> None:
-        for part in PARTS:
-            mode = getattr(self, part)
-            if mode not in FINETUNE_MODES:
-                raise ValueError(f"finetune.{part} = {mode!r}: choose from {FINETUNE_MODES}")
-        if self.lora_rank < 1:
-            raise ValueError(f"finetune.lora_rank must be >= 1, got {self.lora_rank}")
-        if not self.lora_targets:
-            raise ValueError("finetune.lora_targets must name at least one layer-name substring")
 
 
 @dataclass

@@ -73,7 +73,7 @@ def train_xqgan(cfg: XQGANTrainConfig) -> Path:
         trainer.add_optimizer(
             "disc",
             objective.disc_parameters(),
-            dataclasses.replace(cfg.optim, lr=cfg.discriminator.lr, betas=(0.5, 0.9), weight_decay=0.0),
+            cfg.optim.model_copy(update={"lr": cfg.discriminator.lr, "betas": (0.5, 0.9), "weight_decay": 0.0}),
         )
     trainer.maybe_resume()
     sampler = EpochSampler(len(data), run.batch_size, run.seed)
