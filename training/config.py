@@ -203,7 +203,7 @@ class LatentTokenizerTrainConfig(ConfigModel):
 
 
 class CODATrainConfig(ConfigModel):
-    """Training of a CODA tokenizer on the frozen TAEF2 (:mod:`training.discrete`)."""
+    """Training of a CODA tokenizer on the frozen TAEF2 (:mod:`training.coda`)."""
 
     model: str = "coda-taef2-64"  # a registered CODA configuration
     model_overrides: dict[str, Any] = Field(default_factory=dict)  # e.g. codebook_size, lora_rank, lora_targets
@@ -230,7 +230,7 @@ class CODATrainConfig(ConfigModel):
 
 class CodeGeneratorTrainConfig(ConfigModel):
     """What the trainers of generators over a discrete tokenizer's codes share (MaskGIT, VAR;
-    :mod:`training.discrete`): the frozen tokenizer folder, the code cache, held-out evaluation and sample
+    :mod:`training.code_generator`): the frozen tokenizer folder, the code cache, held-out evaluation and sample
     grids."""
 
     model: str = ""  # a registered generator configuration (its code shape fields come from the tokenizer)
@@ -252,7 +252,7 @@ class CodeGeneratorTrainConfig(ConfigModel):
 
 
 class MaskGITTrainConfig(CodeGeneratorTrainConfig):
-    """Training of a MaskGIT generator on the codes of a CODA serving folder (:mod:`training.discrete`)."""
+    """Training of a MaskGIT generator on the codes of a CODA serving folder (:mod:`training.maskgit`)."""
 
     model: str = "maskgit-s"  # a registered MaskGIT configuration (num_tokens / codebook_size: the tokenizer's)
     tokenizer: str = "runs/coda-taef2-image/export"  # CODA serving folder whose codes we model

@@ -31,12 +31,11 @@ import torch.nn.functional as F
 import models
 from models.hub import weights_sha256
 from models.var import VAR, tokenizer_matches
+from training.code_generator import fit_and_export, held_out_loss, training_codes
 from training.config import VARTrainConfig, model_field_overrides, served_tokenizer_name
-from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
-from training.discrete import fit_and_export, held_out_loss
+from training.data import EpochSampler, ImageSet, to_float, to_uint8
 from training.latents import encode_cached, weights_fingerprint
 from training.progress import progress
-from training.tokenizer import load_training_images
 from training.trainer import Trainer, setup_run
 
 
@@ -136,15 +135,8 @@ def train_var(cfg: VARTrainConfig) -> Path:
     run = cfg.run
     device = setup_run(run)
     tokenizer = load_tokenizer(cfg.tokenizer, device)
-    out_dir = Path(run.out_dir)
-    images = load_training_images(cfg)
-    data = cached_codes(cfg, tokenizer, images, cfg.data.train, Path(cfg.code_cache or out_dir / "codes.pt"), device,
-                        flip=cfg.encode_flip)
-    val = None
-    if cfg.val_images:
-        vimg = load_images(cfg.data.val, cfg.data.image_size, max_images=cfg.val_images)
-        val = cached_codes(cfg, tokenizer, vimg, cfg.data.val, out_dir / "val_codes.pt", device)
-    trained = sorted(set(int(c) for c in data.labels.tolist()))
+    data, val, trained = training_codes(cfg, lambda images, source, path, flip: cached_codes(
+        cfg, tokenizer, images, source, path, device, flip=flip))
     model = build_var(cfg, tokenizer, trained, cfg.tokenizer_ref or served_tokenizer_name(cfg.tokenizer)).to(device)
     g = model.config
     codes_all, labels = data.images, data.labels

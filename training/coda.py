@@ -1,6 +1,5 @@
-"""Discrete tokens on a frozen VAE: CODA tokenizer training and a MaskGIT generator on its codes (issue #7).
-
-``python -m training coda --config coda-taef2`` (:func:`train_coda`):
+"""CODA tokenizer training on a frozen VAE (issue #7): ``python -m training coda --config coda-taef2``
+(:func:`train_coda`):
 
 1. builds the CODA tokenizer on the real TAEF2 weights (``CODA.with_pretrained_vae``; the frozen base weights
    are rounded to fp16 first, ``vae_fp16``, so training sees the encoder the fp16 export serves);
@@ -19,11 +18,8 @@
 6. exports ``<out_dir>/export`` (``config.json`` + fp16 safetensors holding the VAE weights too, so
    ``models.load_pretrained`` needs nothing else) with ``trained_on`` / ``notes``.
 
-``python -m training maskgit --config maskgit-taef2 --tokenizer runs/coda-taef2/export`` (:func:`train_maskgit`):
-pre-encodes the training images into codes once (``<out_dir>/codes.pt``, through the raw-latent cache), then
-trains MaskGIT with the cosine mask schedule, label-smoothed cross-entropy on the masked positions, class
-dropout (null class) and EMA; sample grids decode MaskGITSampler outputs with the tokenizer; the export's
-config carries ``tokenizer`` (``tokenizer_ref``: the served name) and ``trained_classes``.
+The raw-latent cache (:func:`cached_vae_latents`) is shared with MaskGIT training (:mod:`training.maskgit`),
+which encodes its training images through it.
 """
 
 from __future__ import annotations
@@ -32,30 +28,18 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import models
 from models.coda import CODA
-from models.hub import weights_sha256
-from models.maskgit import cosine_mask
 from models.quantizers.base import perplexity
 from models.registry import get_config
-from training.config import (
-    CODATrainConfig,
-    CodeGeneratorTrainConfig,
-    DataConfig,
-    MaskGITTrainConfig,
-    model_field_overrides,
-    served_tokenizer_name,
-)
+from training.config import CODATrainConfig, DataConfig, model_field_overrides
 from training.data import EpochSampler, ImageSet, load_images, to_float, to_uint8
-from training.latents import encode_cached, weights_fingerprint
 from training.losses import reconstruction_loss
 from training.metrics import psnr
 from training.plots import plot_losses, save_grid
@@ -323,171 +307,7 @@ def export_coda(trainer: Trainer, cfg: CODATrainConfig, n_images: int, n_classes
     return out
 
 
-# ---------------------------------------------------------------------------------------------- MaskGIT
 
-
-def build_maskgit(cfg: MaskGITTrainConfig, tokenizer: CODA, trained_classes: list[int], ref: str) -> nn.Module:
-    overrides = {"trained_classes": tuple(trained_classes), "tokenizer": ref,
-                 "tokenizer_sha256": weights_sha256(cfg.tokenizer),
-                 "num_tokens": tokenizer.config.num_tokens, "codebook_size": tokenizer.config.codebook_size,
-                 **model_field_overrides(cfg.model_overrides)}
-    if cfg.init_from:
-        model = models.load_pretrained(cfg.init_from).float()
-        model.config = dataclasses.replace(model.config, **overrides)
-        return model
-    return models.create_model(cfg.model, **overrides)
-
-
-def prepare_codes(cfg: MaskGITTrainConfig, tokenizer: CODA, images: ImageSet, source: str, path: Path,
-                  device: torch.device, flip: bool = False) -> ImageSet:
-    """Codes (N, L) int64 and labels of ``images``, cached at ``path`` (keyed by the tokenizer's weight files
-    and the data selection), through the raw-latent cache shared with ``coda``."""
-    d = cfg.data
-    key = data_key(d, source, len(images), flip)
-    full_key = json.dumps([weights_fingerprint(cfg.tokenizer), key])
-
-    def encode() -> ImageSet:
-        lat = cached_vae_latents(tokenizer, images, cfg.latent_cache or DEFAULT_LATENT_CACHE, key,
-                                 batch_size=cfg.encode_batch_size, flip=flip, device=device)
-        return ImageSet(codes_of(tokenizer, lat.images.to(device)).cpu(), lat.labels)
-
-    return encode_cached(path, key=full_key, encode=encode, field="codes", dtype=None, what="code")
-
-
-def masked_loss(model: nn.Module, codes: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                drop: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label-smoothed cross-entropy over the masked positions and the argmax accuracy there; ``drop`` (B,)
-    bool replaces labels by the null class (explicit, so a step is a function of the step's generator)."""
-    inputs = torch.where(mask, model.config.mask_token_id, codes)
-    logits = model(inputs, labels, force_drop=drop)
-    picked, target = logits[mask].float(), codes[mask]
-    loss = F.cross_entropy(picked, target, label_smoothing=label_smoothing)
-    return loss, (picked.argmax(-1) == target).float().mean()
-
-
-@torch.no_grad()
-def held_out_loss(loss_fn, codes: torch.Tensor, labels: torch.Tensor, batch_size: int = 100) -> dict[str, float]:
-    """Mean of ``loss_fn(codes, labels) -> (loss, accuracy)`` over batches of held-out codes, weighted by batch
-    size: ``{"val_loss", "val_accuracy"}``."""
-    tot_l, tot_a, n = 0.0, 0.0, 0
-    for i in range(0, len(codes), batch_size):
-        c, y = codes[i : i + batch_size], labels[i : i + batch_size]
-        loss, acc = loss_fn(c, y)
-        tot_l, tot_a, n = tot_l + float(loss) * len(c), tot_a + float(acc) * len(c), n + len(c)
-    return {"val_loss": round(tot_l / n, 4), "val_accuracy": round(tot_a / n, 4)}
-
-
-def validation_loss(model: nn.Module, codes: torch.Tensor, labels: torch.Tensor, label_smoothing: float,
-                    batch_size: int = 100, seed: int = 0) -> dict[str, float]:
-    """Masked-token loss / accuracy on held-out codes with a fixed (seeded) cosine mask, labels kept."""
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-
-    def loss_fn(c: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = cosine_mask(len(c), c.shape[1], g, c.device)
-        return masked_loss(model, c, y, mask, torch.zeros(len(c), dtype=torch.bool, device=c.device),
-                           label_smoothing)
-
-    return held_out_loss(loss_fn, codes, labels, batch_size)
-
-
-@torch.no_grad()
-def maskgit_samples(model: nn.Module, tokenizer: CODA, classes: list[int], per_class: int, *, steps: int,
-                    cfg_scale: float, seed: int = 0) -> torch.Tensor:
-    """uint8 images (len(classes) * per_class, 3, H, W) sampled with MaskGITSampler, decoded by the tokenizer."""
-    from models.sampling import SampleRequest, get_sampler, run_to_completion
-
-    model.eval()
-    sampler = get_sampler("maskgit", model)
-    reqs = [SampleRequest(class_id=c, seed=seed + i, steps=steps, cfg_scale=cfg_scale, sampler="maskgit")
-            for c in classes for i in range(per_class)]
-    codes = run_to_completion(sampler, model, reqs, (model.config.num_tokens,)).long()
-    return to_uint8(tokenizer.decode_codes(codes))
-
-
-def train_maskgit(cfg: MaskGITTrainConfig) -> Path:
-    run = cfg.run
-    device = setup_run(run)
-    tokenizer = models.load_pretrained(cfg.tokenizer).float().to(device)
-    if not isinstance(tokenizer, CODA):
-        raise ValueError(f"{cfg.tokenizer} holds a {type(tokenizer).__name__}; MaskGIT training needs a CODA folder")
-    out_dir = Path(run.out_dir)
-    images = load_training_images(cfg)
-    data = prepare_codes(cfg, tokenizer, images, cfg.data.train, Path(cfg.code_cache or out_dir / "codes.pt"),
-                         device, flip=cfg.encode_flip)
-    val = None
-    if cfg.val_images:
-        vimg = load_images(cfg.data.val, cfg.data.image_size, max_images=cfg.val_images)
-        val = prepare_codes(cfg, tokenizer, vimg, cfg.data.val, out_dir / "val_codes.pt", device)
-    trained = sorted(set(int(c) for c in data.labels.tolist()))
-    model = build_maskgit(cfg, tokenizer, trained, cfg.tokenizer_ref or served_tokenizer_name(cfg.tokenizer)).to(device)
-    gcfg = model.config
-    p_drop = gcfg.class_dropout_prob if cfg.class_dropout is None else cfg.class_dropout
-    smoothing = gcfg.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing
-    codes_all, labels = data.images, data.labels
-    L = codes_all.shape[1]
-
-    trainer = Trainer(cfg, model, run)
-    trainer.add_optimizer("model", model.parameters(), cfg.optim)
-    trainer.maybe_resume()
-    sampler = EpochSampler(len(codes_all), run.batch_size, run.seed)
-    gen = torch.Generator()
-    used = int(torch.unique(codes_all).numel())
-    print(f"maskgit {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-          f"{len(codes_all)} code rows of {L} ({used}/{gcfg.codebook_size} codes occur) of {len(trained)} classes, "
-          f"class dropout {p_drop}, label smoothing {smoothing}, from step {trainer.step}", flush=True)
-
-    def step_fn(step: int) -> dict[str, float]:
-        gen.manual_seed(run.seed * 1_000_003 + step)
-        idx = sampler.indices(step)
-        codes, y = codes_all[idx].to(device), labels[idx].to(device)
-        b = codes.shape[0]
-        mask = cosine_mask(b, L, gen, device)
-        drop = (torch.rand(b, generator=gen) < p_drop).to(device)
-        with trainer.autocast():
-            loss, acc = masked_loss(model, codes, y, mask, drop, smoothing)
-        return {"loss": float(loss.detach()), "accuracy": float(acc), "mask_ratio": float(mask.float().mean()),
-                "grad_norm": trainer.backward_step("model", loss)}
-
-    held_out = None if val is None else (
-        lambda m: validation_loss(m, val.images.to(device), val.labels.to(device), smoothing))
-    return fit_and_export(trainer, cfg, step_fn, trained, held_out, lambda m, classes: maskgit_samples(
-        m, tokenizer, classes, cfg.sample_per_class, steps=cfg.sample_steps or gcfg.num_iter, cfg_scale=cfg.sample_cfg))
-
-
-def fit_and_export(trainer: Trainer, cfg: CodeGeneratorTrainConfig, step_fn, trained: list[int],
-                   held_out: Callable[[nn.Module], dict[str, float]] | None,
-                   samples: Callable[[nn.Module, list[int]], torch.Tensor]) -> Path:
-    """The loop and export shared by the code-generator trainers: ``trainer.fit(step_fn)``, and at each sample
-    step (once; ``fit`` also calls it after the last step) an ``eval`` record from ``held_out(ema_model)``, a
-    grid of ``samples(ema_model, classes)`` (``sample_classes`` spread over ``trained``, ``sample_per_class``
-    columns) and the loss plot; then ``<out>/export`` and an ``export`` record."""
-    run = cfg.run
-    k = cfg.sample_classes
-    grid_classes = trained[:: max(1, len(trained) // k)][:k]
-    done: set[int] = set()
-
-    def on_sample(step: int) -> None:
-        if step in done:
-            return
-        done.add(step)
-        m = trainer.export_model
-        if held_out is not None:
-            res = {"event": "eval", "step": step, **held_out(m)}
-            trainer.log(res)
-            print("eval " + json.dumps(res), flush=True)
-        images = samples(m, grid_classes)
-        save_grid(images.cpu(), trainer.out / "samples" / f"samples_{step:06d}.png", nrow=cfg.sample_per_class,
-                  scale=2)
-        plot_losses(trainer.out / "metrics.jsonl", trainer.out / "loss.png")
-
-    trainer.fit(step_fn, batch_size=run.batch_size, on_sample=on_sample)
-    out = models.save_pretrained(trainer.export_model, trainer.out / "export", dtype=getattr(torch, run.export_dtype))
-    trainer.log({"event": "export", "path": str(out), "step": trainer.step, "images": trainer.images_seen,
-                 "elapsed_s": round(trainer.elapsed_now, 1), "cpu_s": round(trainer.cpu_now, 1)})
-    return out
-
-
-__all__ = ["CODATrainConfig", "CodeGeneratorTrainConfig", "MaskGITTrainConfig", "build_coda", "cached_vae_latents",
-           "codes_of", "encoder_fingerprint", "evaluate_coda", "fit_and_export", "held_out_loss", "maskgit_samples",
-           "train_coda", "train_maskgit"]
+__all__ = ["DEFAULT_LATENT_CACHE", "CODATrainConfig", "build_coda", "cached_vae_latents", "codes_of", "data_key",
+           "encoder_fingerprint", "evaluate_coda", "export_coda", "to_quantizer_input", "train_coda", "usage_stats",
+           "vae_psnr"]
