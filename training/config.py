@@ -291,14 +291,14 @@ KINDS: dict[str, type[ConfigModel]] = {
 M = TypeVar("M", bound=ConfigModel)
 
 
-def _fields_at(cls: type[BaseModel], loc: Sequence[str | int]) -> list[str] | None:
-    """The field names of the section at ``loc`` below ``cls`` (None when ``loc`` is not a section)."""
+def _section_at(cls: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The config section (model class) at the dotted ``loc`` below ``cls``; None when ``loc`` names none."""
     for part in loc:
         info = cls.model_fields.get(str(part))
         if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
             return None
         cls = info.annotation
-    return list(cls.model_fields)
+    return cls
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
@@ -312,7 +312,8 @@ def describe_error(cls: type[BaseModel], err: dict[str, Any]) -> str:
     where = ".".join(loc)
     value = err.get("input")
     if err["type"] == "extra_forbidden":
-        known = _fields_at(cls, loc[:-1]) or []
+        section = _section_at(cls, loc[:-1])
+        known = list(section.model_fields) if section else []
         return f"unknown field {where}{_did_you_mean(loc[-1], known)}; known: {known}"
     if err["type"] == "literal_error":
         choices = re.findall(r"'([^']*)'", err["ctx"]["expected"])
@@ -406,17 +407,9 @@ def _accepts_str(annotation: Any) -> bool:
 
 def _annotation_at(cls: type[BaseModel], parts: Sequence[str]) -> Any:
     """The annotation of the field at the dotted ``parts`` below ``cls`` (None past a free-form dict)."""
-    for i, part in enumerate(parts):
-        info = cls.model_fields.get(part)
-        if info is None:
-            return None
-        ann = info.annotation
-        if i == len(parts) - 1:
-            return ann
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        cls = ann
-    return None
+    section = _section_at(cls, parts[:-1])
+    info = section.model_fields.get(parts[-1]) if section else None
+    return info.annotation if info else None
 
 
 def parse_override(cls: type[BaseModel], item: str) -> tuple[list[str], Any]:
