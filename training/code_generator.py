@@ -1,7 +1,7 @@
 """What the trainers of generators over a discrete tokenizer's codes share (MaskGIT in :mod:`training.maskgit`,
 VAR in :mod:`training.var`): the training and held-out codes (:func:`training_codes`), the held-out loss over
-batches of codes, and the loop with its evaluation, sample grids and export (:func:`fit_and_export`). Their common config is
-:class:`training.config.CodeGeneratorTrainConfig`.
+batches of codes, and the loop with its evaluation, sample grids and export (:func:`fit_and_export`). Their
+common config is :class:`training.config.CodeGeneratorTrainConfig`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ EncodeCodes = Callable[[ImageSet, str, Path, bool], ImageSet]
 
 def training_codes(cfg: CodeGeneratorTrainConfig, encode: EncodeCodes) -> tuple[ImageSet, ImageSet | None, list[int]]:
     """The codes of the training images (cached at ``code_cache``, default ``<out_dir>/codes.pt``; mirrored
-    copies too with ``encode_flip``), those of the first ``val_images`` held-out images (``<out_dir>/val_codes.pt``,
-    None when 0) and the sorted classes the training codes hold."""
+    copies too with ``encode_flip``), those of the first ``val_images`` held-out images
+    (``<out_dir>/val_codes.pt``; None when 0) and the sorted classes the training codes hold."""
     out_dir = Path(cfg.run.out_dir)
     data = encode(load_training_images(cfg), cfg.data.train, Path(cfg.code_cache or out_dir / "codes.pt"),
                   cfg.encode_flip)
