@@ -162,6 +162,16 @@ def softvq_taef2_32x64() -> LatentTokenizerTrainConfig:
     return _full("softvq-taef2-32x64")
 
 
+def softvq_taef2_32x64_skip() -> LatentTokenizerTrainConfig:
+    """softvq-taef2-32x64-skip: 32x64 with the linear pair path beside the ViTs (issue #16's bottleneck A/B)."""
+    return _full("softvq-taef2-32x64-skip")
+
+
+def softvq_taef2_32_skip() -> LatentTokenizerTrainConfig:
+    """softvq-taef2-32-skip: 32x32 (1,024 floats) with the linear pair path beside the ViTs."""
+    return _full("softvq-taef2-32-skip")
+
+
 def softvq_taef2_32() -> LatentTokenizerTrainConfig:
     """softvq-taef2-32 (32 tokens x 32, 1,024 floats) on all 100k Tiny ImageNet train latents."""
     return _full("softvq-taef2-32")
@@ -326,6 +336,8 @@ NAMED: dict[str, Callable[[], TrainConfig]] = {
     "softvq-taef2-tiny": softvq_taef2_tiny,
     "softvq-taef2-32x64": softvq_taef2_32x64,
     "softvq-taef2-32": softvq_taef2_32,
+    "softvq-taef2-32x64-skip": softvq_taef2_32x64_skip,
+    "softvq-taef2-32-skip": softvq_taef2_32_skip,
     "sit-softvq-taef2": sit_softvq_taef2,
     "sit-taef2-64": sit_taef2_64,
     "coda-tiny": coda_tiny,
