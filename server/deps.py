@@ -7,6 +7,7 @@ import time
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from pydantic import AliasChoices, BaseModel
 
 from server.errors import InvalidValue, Unauthorized
 from server.state import AppState
@@ -59,8 +60,9 @@ class RequestOptions:
 
 
 def known_query(request: Request) -> None:
-    """Unknown query parameters are refused (422 naming them): the route's declared ones (and those its
-    OpenAPI lists, for routes that read them by hand) are the only ones accepted."""
+    """Unknown query parameters are refused (422 naming them): the route's declared ones (single parameters,
+    and the fields of a query model such as :class:`server.schemas.GenerateQuery`) are the only ones
+    accepted."""
     route = request.scope.get("route")
     if not request.query_params or route is None:
         return
@@ -78,13 +80,27 @@ def _allowed_query(route: object) -> frozenset[str]:
         todo = [route.dependant]  # type: ignore[attr-defined]
         while todo:  # the route's parameters and its dependencies' parameters
             dep = todo.pop()
-            names |= {p.alias for p in dep.query_params}
+            for p in dep.query_params:
+                names |= _query_names(p.field_info.annotation, p.alias)
             todo.extend(dep.dependencies)
-        extra = getattr(route, "openapi_extra", None) or {}
-        names |= {p["name"] for p in extra.get("parameters", ()) if p.get("in") == "query"}
         cached = frozenset(names)
         route._tokserve_query = cached  # type: ignore[attr-defined]
     return cached
+
+
+def _query_names(annotation: object, alias: str) -> set[str]:
+    """The query names one declared parameter takes: its alias, or for a query model (``Annotated[Model,
+    Query()]``) each field's name, alias and alias choices."""
+    if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return {alias}
+    names: set[str] = set()
+    for name, f in annotation.model_fields.items():
+        names |= {name, f.alias or name}
+        if isinstance(f.validation_alias, AliasChoices):
+            names |= {c for c in f.validation_alias.choices if isinstance(c, str)}
+        elif isinstance(f.validation_alias, str):
+            names.add(f.validation_alias)
+    return names
 
 
 OptionsDep = Annotated[RequestOptions, Depends(RequestOptions)]

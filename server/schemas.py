@@ -51,9 +51,10 @@ class DecodeImagesResponse(BaseModel):
     images: list[str]
 
 
-class GenerateParams(BaseModel):
-    """Generation parameters, as query parameters or JSON fields (JSON wins). Unset values come from the
-    generator's config (``GET /v1/models`` ``defaults``)."""
+class GenerateQuery(BaseModel):
+    """Generation parameters as query parameters (``POST /v1/generate?class=207&steps=50``): every field of
+    :class:`GenerateParams` but ``guidance_interval`` (given here as ``guidance_low`` / ``guidance_high``).
+    Unset values come from the generator's config (``GET /v1/models`` ``defaults``)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
@@ -61,8 +62,6 @@ class GenerateParams(BaseModel):
                                  description="ImageNet-1k class id served by the model (alias class_id)")
     num_images: int = Field(1, ge=1, description="images to generate; image i uses seed + i")
     cfg_scale: float | None = Field(None, ge=0.0, le=100.0, description="classifier-free guidance scale")
-    guidance_interval: tuple[float, float] | None = Field(
-        None, description="[low, high]: guidance is applied while low <= t <= high")
     guidance_low: float | None = Field(None, ge=0.0, le=1.0, description="query form of guidance_interval[0]")
     guidance_high: float | None = Field(None, ge=0.0, le=1.0, description="query form of guidance_interval[1]")
     steps: int | None = Field(None, ge=1, description="denoising steps (MAR / MaskGIT: iterations; VAR: its "
@@ -82,6 +81,14 @@ class GenerateParams(BaseModel):
         if isinstance(v, bool):  # JSON true / false are not numbers (pydantic would take them as 1 / 0)
             raise ValueError("must be a number, not true / false")
         return v
+
+
+class GenerateParams(GenerateQuery):
+    """Generation parameters, as query parameters (:class:`GenerateQuery`) or JSON fields (JSON wins). Unset
+    values come from the generator's config (``GET /v1/models`` ``defaults``)."""
+
+    guidance_interval: tuple[float, float] | None = Field(
+        None, description="[low, high]: guidance is applied while low <= t <= high")
 
 
 class GeneratedImage(BaseModel):

@@ -1,23 +1,20 @@
-"""Helpers shared by the model routes: content negotiation, reading bodies, submitting jobs."""
+"""Helpers shared by the model routes: reading bodies, documenting them, submitting jobs."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import math
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-import torch
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from server.codecs import NPY, SAFETENSORS, parse_json, tensor_to_json, tensor_to_npy, tensor_to_safetensors
+from server.codecs import parse_json
 from server.deps import RequestOptions
-from server.queue.base import Job, JobResult, Payload
+from server.queue.base import Job, JobResult
 from server.state import AppState
+from server.validation import ValidRequest
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 T = TypeVar("T")
@@ -36,29 +33,6 @@ def content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-def negotiate(accept: str | None, offered: list[str]) -> str | None:
-    """The offered media type the ``Accept`` header prefers (q-values honoured, first listed wins ties);
-    None when the header is absent or only wildcards match."""
-    if not accept:
-        return None
-    best: tuple[float, int, str] | None = None
-    for i, part in enumerate(accept.split(",")):
-        fields = [f.strip() for f in part.split(";")]
-        media = fields[0].lower()
-        q = 1.0
-        for f in fields[1:]:
-            if f.startswith("q="):
-                try:
-                    q = float(f[2:])
-                except ValueError:
-                    q = 0.0
-                if not (math.isfinite(q) and 0.0 <= q <= 1.0):
-                    q = 0.0
-        if media in offered and q > 0 and (best is None or q > best[0]):
-            best = (q, i, media)
-    return best[2] if best else None
-
-
 async def read_json(request: Request) -> Any:
     """The request body as JSON (bounded: see :func:`server.codecs.parse_json`); bodies past the light
     cost are parsed in the codec pool, off the event loop."""
@@ -68,28 +42,15 @@ async def read_json(request: Request) -> Any:
     return await request.app.state.tokserve.codec(parse_json, body, cost=len(body))
 
 
-def fingerprint(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, torch.Tensor):
-            h.update(p.contiguous().numpy().tobytes())
-            h.update(str(tuple(p.shape)).encode())
-        elif isinstance(p, bytes):
-            h.update(p)
-        else:
-            h.update(repr(p).encode())
-        h.update(b"\x00")
-    return h.hexdigest()
-
-
-async def run_job(request: Request, state: AppState, opts: RequestOptions, model: str, payload: Payload,
-                  fingerprint_parts: tuple[Any, ...]) -> JobResult:
-    """Submit one job and wait for its result; timings go to the response headers."""
+async def run_job(request: Request, state: AppState, opts: RequestOptions, valid: ValidRequest) -> JobResult:
+    """Submit ``valid``'s job and wait for its result; timings go to the response headers. With an
+    ``Idempotency-Key`` the job is bound to the request's fingerprint."""
     queue = state.check_ready()
     scope_state = request.scope.setdefault("state", {})
-    scope_state["model"] = model
-    fp = fingerprint(payload.op, model, *fingerprint_parts) if opts.idempotency_key else None
-    job = Job(model=model, payload=payload, request_id=opts.request_id, deadline=opts.deadline,
+    scope_state["model"] = valid.model
+    payload = valid.payload()
+    fp = valid.fingerprint() if opts.idempotency_key else None
+    job = Job(model=valid.model, payload=payload, request_id=opts.request_id, deadline=opts.deadline,
               priority=opts.priority, idempotency_key=opts.idempotency_key, fingerprint=fp)
     result = await until_disconnect(request, queue.submit(job), op=payload.op)
     scope_state["queue_ms"] = result.queue_ms
@@ -125,13 +86,3 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client has gone (the body was read, so the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def tensor_response(t: torch.Tensor, accept: str | None, extra: dict[str, Any], name: str = "tokens") -> Response:
-    """JSON tensor (default), ``.npy`` or safetensors, as ``Accept`` asks."""
-    kind = negotiate(accept, ["application/json", NPY, SAFETENSORS])
-    if kind == NPY:
-        return Response(tensor_to_npy(t), media_type=NPY)
-    if kind == SAFETENSORS:
-        return Response(tensor_to_safetensors(t, name), media_type=SAFETENSORS)
-    return JSONResponse({**extra, **tensor_to_json(t)})

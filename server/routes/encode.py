@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from server.admission import decode_images, decode_raw_image
-from server.codecs import IMAGE_MEDIA_TYPES, NPY, SAFETENSORS, decode_base64
+from server.admission import decode_raw_image
+from server.codecs import IMAGE_MEDIA_TYPES, NPY, SAFETENSORS
 from server.deps import OptionsDep, StateDep
 from server.errors import BadRequest, InvalidValue, UnsupportedMediaType
-from server.queue.base import EncodePayload
+from server.render import tensor_response
 from server.routes.common import (
     BINARY,
     content_type,
@@ -20,10 +20,9 @@ from server.routes.common import (
     request_body,
     run_job,
     schema_ref,
-    tensor_response,
 )
-from server.schemas import ERROR_RESPONSES, EncodeJSONRequest, EncodeResponse, PreprocessMode
-from server.validation import parse_model
+from server.schemas import ERROR_RESPONSES, EncodeResponse, PreprocessMode
+from server.validation import ValidEncode, encode_spec, valid_encode, valid_encode_json
 
 router = APIRouter()
 
@@ -43,39 +42,46 @@ RESPONSES = {**ERROR_RESPONSES, 200: {"model": EncodeResponse, "description": "t
 ENCODE_FORM_FIELDS = ("image", "model", "preprocess")
 
 
-async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], dict[str, str]]:
-    """The image files of the request, and parameters given in the body (form or JSON fields)."""
+async def _form_images(request: Request, max_images: int) -> tuple[list[bytes], dict[str, str]]:
+    """The image files of a multipart body, and the parameters given as its text fields."""
+    form = await request.form(max_files=max_images + 1, max_fields=16)
+    unknown = sorted(set(form.keys()) - set(ENCODE_FORM_FIELDS))
+    if unknown:
+        raise InvalidValue(f"unknown form fields {unknown[:5]}: send {list(ENCODE_FORM_FIELDS)}")
+    blobs = []
+    for item in form.getlist("image"):
+        if not isinstance(item, UploadFile):
+            raise BadRequest("multipart field 'image' must be a file upload")
+        blobs.append(await item.read())
+    params = {}
+    for k in ("model", "preprocess"):
+        values = form.getlist(k)
+        if len(values) > 1 or any(not isinstance(v, str) for v in values):
+            raise InvalidValue(f"form field {k!r} must be given once, as text")
+        if values:
+            params[k] = values[0]
+    return blobs, params
+
+
+async def encode_request(request: Request, state: StateDep,
+                         model: Annotated[str | None, Query(description="tokenizer name")] = None,
+                         preprocess: Annotated[PreprocessMode | None,
+                                               Query(description="center-crop or resize")] = None,
+                         ) -> ValidEncode:
+    """The request's :class:`ValidEncode`, from its query and its body in any of the accepted forms (query
+    parameters win over body fields). A raw image body is admitted on its first bytes, before it is read."""
+    state.check_ready()
     ctype = content_type(request)
-    if ctype == "multipart/form-data":
-        form = await request.form(max_files=max_images + 1, max_fields=16)
-        unknown = sorted(set(form.keys()) - set(ENCODE_FORM_FIELDS))
-        if unknown:
-            raise InvalidValue(f"unknown form fields {unknown[:5]}: send {list(ENCODE_FORM_FIELDS)}")
-        blobs = []
-        for item in form.getlist("image"):
-            if not isinstance(item, UploadFile):
-                raise BadRequest("multipart field 'image' must be a file upload")
-            blobs.append(await item.read())
-        params = {}
-        for k in ("model", "preprocess"):
-            values = form.getlist(k)
-            if len(values) > 1 or any(not isinstance(v, str) for v in values):
-                raise InvalidValue(f"form field {k!r} must be given once, as text")
-            if values:
-                params[k] = values[0]
-        return blobs, params
-    if ctype in IMAGE_MEDIA_TYPES.values():
-        return [], {}  # read by decode_raw_image, after admission
     if ctype == "application/json":
-        body: EncodeJSONRequest = parse_model(EncodeJSONRequest, await read_json(request))
-        if (body.image is None) == (body.images is None):
-            raise InvalidValue('give exactly one of "image" (base64) or "images" (list of base64)')
-        texts = [body.image] if body.image is not None else list(body.images or [])
-        if len(texts) > max_images:
-            raise InvalidValue(f"{len(texts)} images; at most {max_images} per request")
-        blobs = [decode_base64(t, f"images[{i}]") for i, t in enumerate(texts)]
-        params = {k: v for k, v in (("model", body.model), ("preprocess", body.preprocess)) if v is not None}
-        return blobs, params
+        return await valid_encode_json(state, await read_json(request), model, preprocess)
+    if ctype == "multipart/form-data":
+        blobs, params = await _form_images(request, state.settings.max_images_per_request)
+        return await valid_encode(state, blobs, model or params.get("model"),
+                                  preprocess or params.get("preprocess"))
+    if ctype in IMAGE_MEDIA_TYPES.values():
+        spec, mode = encode_spec(state, model, preprocess)
+        images, body = await decode_raw_image(state, spec.name, spec.image_size, request, mode)
+        return ValidEncode(spec.name, images, mode, (body,))
     raise UnsupportedMediaType(f"content type {ctype or '(none)'!r} is not accepted: send multipart/form-data, "
                                "image/png, image/jpeg, image/webp or application/json")
 
@@ -83,32 +89,13 @@ async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], 
 @router.post("/v1/encode", openapi_extra=OPENAPI, responses=RESPONSES, response_model=EncodeResponse,
              summary="Images to tokens")
 async def encode(request: Request, state: StateDep, opts: OptionsDep,
-                 model: Annotated[str | None, Query(description="tokenizer name")] = None,
-                 preprocess: Annotated[PreprocessMode | None, Query(description="center-crop or resize")] = None,
-                 ) -> Response:
+                 req: Annotated[ValidEncode, Depends(encode_request)]) -> Response:
     """Tokenize images given as a multipart upload (field ``image``, repeatable), a raw image body, or JSON
     with base64. ``Accept: application/x-npy`` or ``application/vnd.safetensors`` returns binary tokens.
     Admission (queue capacity, pixel limits read from the image headers) comes before any decoding."""
-    state.check_ready()
-    s = state.settings
-    blobs, body_params = await _read_images(request, s.max_images_per_request)
-    model = model or body_params.get("model")
-    mode = preprocess or body_params.get("preprocess") or "center-crop"
-    if mode not in ("center-crop", "resize"):
-        raise InvalidValue(f"preprocess must be center-crop or resize, got {mode!r}")
-    spec = state.models.tokenizer(model)
-    if content_type(request) in IMAGE_MEDIA_TYPES.values():
-        images, body = await decode_raw_image(state, spec.name, spec.image_size, request, mode)
-        blobs = [body]
-    else:
-        if not blobs:
-            raise InvalidValue("no image in the request")
-        if len(blobs) > s.max_images_per_request:
-            raise InvalidValue(f"{len(blobs)} images; at most {s.max_images_per_request} per request")
-        images = await decode_images(state, spec.name, spec.image_size, blobs, mode)
-    result = await run_job(request, state, opts, spec.name, EncodePayload(images), (mode, *blobs))
+    result = await run_job(request, state, opts, req)
     tokens = result.tensors["tokens"]
-    return await state.codec(tensor_response, tokens, request.headers.get("accept"), {"model": spec.name},
+    return await state.codec(tensor_response, tokens, request.headers.get("accept"), req.model,
                              cost=4 * tokens.numel())
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server import jobs
+from server import jobs, render
 from server.deps import OptionsDep, StateDep
 from server.errors import BadRequest, InvalidValue, NotFound, NotReady, TokservError
 from server.queue.base import TERMINAL, Job, JobQueue
@@ -59,8 +59,9 @@ async def create_job(request: Request, state: StateDep, opts: OptionsDep) -> JSO
     key = None if opts.idempotency_key is None else f"jobs:{opts.idempotency_key}"
     p = await jobs.prepare(fields.get("op"), body, state, opts.idempotency_key)
     request.scope.setdefault("state", {})["model"] = p.model
-    job = Job(model=p.model, payload=p.payload, request_id=opts.request_id, deadline=deadline,
-              idempotency_key=key, fingerprint=p.fingerprint, priority=priority, tracked=True, meta=p.meta)
+    job = Job(model=p.model, payload=p.request.payload(), request_id=opts.request_id, deadline=deadline,
+              idempotency_key=key, fingerprint=p.request.fingerprint(), priority=priority, tracked=True,
+              meta=p.meta)
     job_id = await queue.enqueue(job)
     info = await queue.info(job_id)
     status = info.status if info is not None else "queued"
@@ -82,8 +83,8 @@ async def get_job(job_id: JobId, state: StateDep) -> JSONResponse:
     result = None
     if info.result is not None:
         cost = sum(t.numel() for t in info.result.tensors.values())
-        result = await state.codec(jobs.render_result, info, state.settings, cost=cost)
-    return JSONResponse(jobs.job_body(info, result))
+        result = await state.codec(render.job_result, info, state.settings, cost=cost)
+    return JSONResponse(render.job_body(info, result))
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobResponse, responses=ERROR_RESPONSES,
@@ -98,7 +99,7 @@ async def cancel_job(job_id: JobId, state: StateDep) -> JSONResponse:
         raise NotFound(f"no job {job_id!r}")
     if before is not None and before.status not in TERMINAL and info.status == "cancelled":
         state.metrics.cancelled.labels(info.op, "api").inc()
-    return JSONResponse(jobs.job_body(info))
+    return JSONResponse(render.job_body(info))
 
 
 EVENT_ID = r"^[0-9]{1,20}(-[0-9]{1,20})?$"  # in-process: 1, 2, 3 ...; Redis: <ms>-<seq>

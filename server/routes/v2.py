@@ -29,16 +29,15 @@ from fastapi.responses import Response
 
 from models.preprocess import to_uint8
 from server import oip
-from server.admission import decode_images, parse_tokens, preprocess_arrays
-from server.codecs import decode_base64, encode_images
+from server.admission import preprocess_arrays
+from server.codecs import decode_base64
 from server.deps import OptionsDep, RequestOptions, StateDep
 from server.engine.specs import ModelSet, ModelSpec
 from server.errors import InvalidValue, NotFound, NotReady, UnsupportedMediaType
-from server.queue.base import DecodePayload, EncodePayload, GeneratePayload
+from server.render import image_files
 from server.routes.common import BINARY, request_body, run_job, schema_ref
 from server.schemas import (
     V2_ERROR_RESPONSES,
-    GenerateParams,
     V2InferResponse,
     V2Live,
     V2ModelMetadata,
@@ -46,8 +45,16 @@ from server.schemas import (
     V2Ready,
     V2ServerMetadata,
 )
+from server.settings import Settings
 from server.state import AppState
-from server.validation import MAX_DEADLINE_MS, describe_classes, parse_model, validate_generate
+from server.validation import (
+    MAX_DEADLINE_MS,
+    ValidEncode,
+    describe_classes,
+    valid_decode,
+    valid_encode,
+    valid_generate,
+)
 
 router = APIRouter()  # the model routes (API key when configured)
 public = APIRouter()  # server metadata and health (open, like /healthz and /readyz)
@@ -287,15 +294,14 @@ async def _encode(request: Request, state: AppState, opts: RequestOptions, spec:
         arr = pixels.data
         assert isinstance(arr, np.ndarray)
         images = await preprocess_arrays(state, spec.name, spec.image_size, arr, mode)
-        parts: tuple[Any, ...] = (mode, torch.from_numpy(arr))
+        enc = ValidEncode(spec.name, images, mode, (torch.from_numpy(arr),))
     else:
         assert files is not None
         _datatype(files, ("BYTES",), model)
         _batch(files, 1, state, "(B,): one image file per element")
         blobs = [decode_base64(x, f"IMAGE_BYTES[{i}]") if isinstance(x, str) else x for i, x in enumerate(files.data)]
-        images = await decode_images(state, spec.name, spec.image_size, blobs, mode)
-        parts = (mode, *blobs)
-    result = await run_job(request, state, opts, spec.name, EncodePayload(images), parts)
+        enc = await valid_encode(state, blobs, spec.name, mode)
+    result = await run_job(request, state, opts, enc)
     out = signature(spec, "encode")[1][0]
     tokens = result.tensors["tokens"].to(torch.int64 if spec.discrete else torch.float32)
     return {out.name: tokens.numpy()}, {}
@@ -311,9 +317,9 @@ async def _decode(request: Request, state: AppState, opts: RequestOptions, spec:
         raise InvalidValue(f"model {model} takes one input: {_describe([want])}")
     _datatype(t, ("INT64", *(d for d in oip.INT_TYPES if d != "INT64")) if spec.discrete
               else ("FP32", "FP16", "FP64", "BF16"), model)
-    tokens = await parse_tokens(state, spec, "array", t.data)
-    result = await run_job(request, state, opts, spec.name, DecodePayload(tokens), ("v2", tokens))
-    return await state.codec(_image_outputs, result.tensors["images"], wanted, fmt, state,
+    dec = await valid_decode(state, "array", t.data, spec.name, fmt)
+    result = await run_job(request, state, opts, dec)
+    return await state.codec(_image_outputs, result.tensors["images"], wanted, fmt, state.settings,
                              cost=result.tensors["images"].numel()), {}
 
 
@@ -332,28 +338,24 @@ async def _generate(request: Request, state: AppState, opts: RequestOptions, spe
             raise InvalidValue(f"class {c} is not served by {spec.name}: valid ids are {describe_classes(spec)}")
     gen = {k: req.parameters[k] for k in OP_PARAMETERS["generate"] if k in req.parameters and k != "format"}
     latents = signature(spec, "generate")[1][2].name
-    p: GenerateParams = parse_model(GenerateParams, {**gen, "class": classes[0], "num_images": b,
-                                                     "return_latents": latents in wanted})
-    v = validate_generate(p, spec, state.settings, opts.idempotency_key)
-    rows = [dataclasses.replace(r, class_id=c) for r, c in zip(v.requests(), classes, strict=True)]
-    result = await run_job(request, state, opts, spec.name, GeneratePayload(rows, return_latents=v.return_latents),
-                           (v.fingerprint(), tuple(classes)))
+    v = valid_generate(state, {**gen, "model": spec.name, "class": classes[0], "num_images": b,
+                               "return_latents": latents in wanted}, opts.idempotency_key)
+    v = dataclasses.replace(v, row_classes=tuple(classes))
+    result = await run_job(request, state, opts, v)
     images = result.tensors["images"]
-    values = await state.codec(_image_outputs, images, wanted, fmt, state, cost=images.numel())
+    values = await state.codec(_image_outputs, images, wanted, fmt, state.settings, cost=images.numel())
     if latents in wanted:
         values[latents] = result.tensors["latents"].to(torch.int64 if spec.discrete else torch.float32).numpy()
     return values, {"seed": v.seed, "steps": v.steps, "cfg_scale": v.cfg_scale, "sampler": v.sampler}
 
 
-def _image_outputs(images: torch.Tensor, wanted: dict[str, bool], fmt: str, state: AppState) -> dict[str, Any]:
-    """``IMAGE`` (B, H, W, 3) uint8 (the pixels the native routes' image files hold) and ``IMAGE_BYTES`` files,
-    as far as ``wanted``."""
+def _image_outputs(images: torch.Tensor, wanted: dict[str, bool], fmt: str, settings: Settings) -> dict[str, Any]:
+    """``IMAGE`` (B, H, W, 3) uint8 (the pixels the native routes' image files hold) and ``IMAGE_BYTES`` files
+    (:func:`server.render.image_files`), as far as ``wanted``."""
     out: dict[str, Any] = {}
     if "IMAGE" in wanted:
         out["IMAGE"] = to_uint8(images)
     if "IMAGE_BYTES" in wanted:
-        s = state.settings
-        out["IMAGE_BYTES"] = encode_images(images, fmt, jpeg_quality=s.jpeg_quality, webp_quality=s.webp_quality,
-                                           png_compress_level=s.png_compress_level)
+        out["IMAGE_BYTES"] = image_files(images, fmt, settings)
     return out
 
