@@ -171,14 +171,7 @@ def parameters(value: object, where: str) -> dict[str, Any]:
 
 def _parse_input(raw: object, i: int, binary: bytes, max_elements: int) -> tuple[InferInput, int]:
     """One input tensor (and how many bytes of ``binary`` it took)."""
-    if not isinstance(raw, dict):
-        raise InvalidValue(f'inputs[{i}] must be a tensor object {{"name", "shape", "datatype", "data"}}')
-    unknown = sorted(set(raw) - set(INPUT_FIELDS))
-    if unknown:
-        raise InvalidValue(f"unknown fields {_short(unknown)} in inputs[{i}]: a tensor has {list(INPUT_FIELDS)}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise InvalidValue(f"inputs[{i}].name must be a non-empty string")
+    raw, name = _named_entry(raw, f"inputs[{i}]", INPUT_FIELDS, "a tensor object")
     where = f"input {_short(name, 40)}"
     datatype = raw.get("datatype")
     if datatype not in DATATYPES:
@@ -213,6 +206,21 @@ def _parse_input(raw: object, i: int, binary: bytes, max_elements: int) -> tuple
         raise InvalidValue(f"{where}: BF16 tensors travel as binary data only")
     return InferInput(name, datatype, tuple(shape), _from_json(raw["data"], datatype, shape, n, where),
                       binary=False), 0
+
+
+def _named_entry(raw: object, where: str, fields: tuple[str, ...], what: str) -> tuple[dict[str, Any], str]:
+    """An element of ``inputs`` / ``outputs``: an object of ``fields`` only, with a non-empty string ``name``.
+    Returns it and its name."""
+    if not isinstance(raw, dict):
+        shown = ", ".join(f'"{f}"' for f in fields)
+        raise InvalidValue(f"{where} must be {what} {{{shown}}}")
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise InvalidValue(f"unknown fields {_short(unknown)} in {where}: it takes {list(fields)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidValue(f"{where}.name must be a non-empty string")
+    return raw, name
 
 
 def _from_binary(raw: bytes, datatype: str, shape: list[int], n: int, where: str) -> np.ndarray | list[bytes | str]:
@@ -291,15 +299,8 @@ def _parse_outputs(value: object) -> list[RequestedOutput] | None:
     if not isinstance(value, list) or len(value) > 16:
         raise InvalidValue("outputs must be a list of {\"name\", \"parameters\"} objects")
     out: list[RequestedOutput] = []
-    for i, raw in enumerate(value):
-        if not isinstance(raw, dict):
-            raise InvalidValue(f'outputs[{i}] must be an object {{"name", "parameters"}}')
-        unknown = sorted(set(raw) - set(OUTPUT_FIELDS))
-        if unknown:
-            raise InvalidValue(f"unknown fields {_short(unknown)} in outputs[{i}]: it has {list(OUTPUT_FIELDS)}")
-        name = raw.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidValue(f"outputs[{i}].name must be a non-empty string")
+    for i, entry in enumerate(value):
+        raw, name = _named_entry(entry, f"outputs[{i}]", OUTPUT_FIELDS, "an object")
         params = parameters(raw.get("parameters"), f"outputs[{i}].parameters")
         binary = params.pop("binary_data", None)
         if binary is not None and not isinstance(binary, bool):
