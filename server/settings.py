@@ -109,8 +109,6 @@ class Settings(BaseSettings):
     worker_id: str | None = Field(None, description="Worker name in Redis (default: host-pid-random).")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Standalone worker: serve Prometheus "
                                      "/metrics on this port.")
-    test_poison_value: float | None = Field(None, description="TESTS ONLY: a decode whose tokens contain this "
-                                            "exact value raises (exercises retries and the dead-letter stream).")
 
     # ---- limits
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest accepted request body.")

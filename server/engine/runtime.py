@@ -232,13 +232,7 @@ def build_runtimes(specs: list[ModelSpec], settings: Settings) -> dict[str, Runt
         module = load_module(spec, settings)
         cls = TokenizerRuntime if spec.kind == "tokenizer" else GeneratorRuntime
         backend = choice.kind_for(spec.name)
-        out[spec.name] = rt = cls(spec, module, device, dtype, backend=backend, export_dir=settings.export_dir)
-        if settings.test_poison_value is not None and isinstance(rt, TokenizerRuntime):
-            from server.engine.faults import poison_decode
-
-            log.warning("%s: TEST POISON VALUE %s is set: decodes holding it raise", spec.name,
-                        settings.test_poison_value)
-            rt._decode = poison_decode(rt._decode, settings.test_poison_value)
+        out[spec.name] = cls(spec, module, device, dtype, backend=backend, export_dir=settings.export_dir)
         log.info("loaded %s (%s, %s) on %s with %s", spec.name, spec.family, spec.source, device, backend)
     return out
 

@@ -18,7 +18,6 @@ import redis
 from server_testkit import REPO, TINY_MODELS, free_port
 
 PREFIX = "tokserve"
-POISON = 1234.5  # TOKSERVE_TEST_POISON_VALUE of the test workers
 
 
 def redis_binary() -> str:
@@ -100,6 +99,8 @@ class Workers:
     folder: Path
     env: dict[str, str] = field(default_factory=dict)
     all: list[Worker] = field(default_factory=list)
+    # what runs after the interpreter: the real worker, or a test launcher of it (poison_worker.py)
+    program: list[str] = field(default_factory=lambda: ["-m", "server.worker"])
 
     def start(self, name: str, **env: str) -> Worker:
         full = {**os.environ, "REDIS_URL": self.redis_url, "TOKSERVE_MODELS": TINY_MODELS,
@@ -107,7 +108,7 @@ class Workers:
                 "TOKSERVE_WORKER_HEARTBEAT_S": "0.5", **self.env, **env}
         full.pop("TOKSERVE_REDIS_URL", None)
         log_path = self.folder / f"{name}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "server.worker", "--log-level", "info"], cwd=REPO, env=full,
+        proc = subprocess.Popen([sys.executable, *self.program, "--log-level", "info"], cwd=REPO, env=full,
                                 stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
         w = Worker(name, proc, log_path)
         self.all.append(w)

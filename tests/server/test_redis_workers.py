@@ -12,13 +12,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from jobs_testkit import get, submit, wait_done
+from poison_worker import POISON
 from redis_testkit import (
-    POISON,
     PREFIX,
     RedisServer,
     Worker,
@@ -53,9 +54,11 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("stack")
     redis = RedisServer(folder / "redis").start()
+    # the workers are poison_worker.py: their decode raises on tokens holding POISON (fault injection that
+    # lives in the tests, not in the server's settings)
     workers = Workers(redis.url, folder, env={
-        "TOKSERVE_REDIS_RECLAIM_S": str(RECLAIM_S), "TOKSERVE_TEST_POISON_VALUE": str(POISON),
-        "TOKSERVE_MAX_WAIT_MS": "30", "TOKSERVE_SHUTDOWN_GRACE_S": "1"})
+        "TOKSERVE_REDIS_RECLAIM_S": str(RECLAIM_S), "TOKSERVE_MAX_WAIT_MS": "30", "TOKSERVE_SHUTDOWN_GRACE_S": "1"},
+        program=[str(Path(__file__).with_name("poison_worker.py"))])
     for name in ("w-a", "w-b"):
         workers.start(name)
     try:
