@@ -19,11 +19,12 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
 from models.sampling.base import SampleRequest
-from server.admission import decode_images, parse_tokens
+from server.admission import decode_images, parse_tokens, preprocess_arrays
 from server.codecs import decode_base64
 from server.engine.specs import ModelSpec
 from server.errors import BadRequest, InvalidValue
@@ -213,6 +214,16 @@ async def valid_encode(state: AppState, blobs: list[bytes], model: str | None,
     check_image_count(len(blobs), state.settings.max_images_per_request)
     images = await decode_images(state, spec.name, spec.image_size, blobs, mode)
     return ValidEncode(spec.name, images, mode, tuple(blobs))
+
+
+async def valid_encode_pixels(state: AppState, pixels: np.ndarray, model: str | None,
+                              preprocess: str | None) -> ValidEncode:
+    """Decoded pixels (B, H, W, 3) uint8 (the Open Inference Protocol's ``IMAGE``) -> :class:`ValidEncode`:
+    the same pixel limits (413) and admission (429) as image files, then the same preprocessing."""
+    spec, mode = encode_spec(state, model, preprocess)
+    check_image_count(len(pixels), state.settings.max_images_per_request)
+    images = await preprocess_arrays(state, spec.name, spec.image_size, pixels, mode)
+    return ValidEncode(spec.name, images, mode, (torch.from_numpy(pixels),))
 
 
 async def valid_encode_json(state: AppState, body: object, model: str | None = None,

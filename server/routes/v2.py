@@ -29,7 +29,6 @@ from fastapi.responses import Response
 
 from models.preprocess import to_uint8
 from server import oip
-from server.admission import preprocess_arrays
 from server.codecs import decode_base64
 from server.deps import OptionsDep, RequestOptions, StateDep
 from server.engine.specs import ModelSet, ModelSpec
@@ -49,10 +48,10 @@ from server.settings import Settings
 from server.state import AppState
 from server.validation import (
     MAX_DEADLINE_MS,
-    ValidEncode,
     describe_classes,
     valid_decode,
     valid_encode,
+    valid_encode_pixels,
     valid_generate,
 )
 
@@ -293,8 +292,7 @@ async def _encode(request: Request, state: AppState, opts: RequestOptions, spec:
                                "H and W at least 1")
         arr = pixels.data
         assert isinstance(arr, np.ndarray)
-        images = await preprocess_arrays(state, spec.name, spec.image_size, arr, mode)
-        enc = ValidEncode(spec.name, images, mode, (torch.from_numpy(arr),))
+        enc = await valid_encode_pixels(state, arr, spec.name, mode)
     else:
         assert files is not None
         _datatype(files, ("BYTES",), model)
