@@ -32,6 +32,17 @@ class EncodeJSONRequest(BaseModel):
     preprocess: PreprocessMode | None = Field(None, description="center-crop (ADM, default) or resize")
 
 
+class EncodeForm(BaseModel):
+    """The ``multipart/form-data`` form of ``POST /v1/encode``. The route reads it by hand (it shares the route
+    with raw-image and JSON bodies); this model is its OpenAPI schema and its list of fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: list[bytes] = Field(..., min_length=1, description="one or more image files (B = number of files)")
+    model: str | None = Field(None, description="tokenizer name; default: the default tokenizer")
+    preprocess: PreprocessMode | None = Field(None, description="center-crop (ADM, default) or resize")
+
+
 class EncodeResponse(TensorJSON):
     model: str = Field(..., description="the tokenizer that encoded")
 

@@ -21,17 +21,13 @@ from server.routes.common import (
     run_job,
     schema_ref,
 )
-from server.schemas import ERROR_RESPONSES, EncodeResponse, PreprocessMode
+from server.schemas import ERROR_RESPONSES, EncodeForm, EncodeResponse, PreprocessMode
 from server.validation import ValidEncode, encode_spec, valid_encode, valid_encode_json
 
 router = APIRouter()
 
 OPENAPI = request_body({
-    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-        "image": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
-                  "description": "one or more image files (B = number of files)"},
-        "model": {"type": "string"}, "preprocess": {"type": "string", "enum": ["center-crop", "resize"]},
-    }, "additionalProperties": False}},
+    "multipart/form-data": {"schema": EncodeForm.model_json_schema()},
     "image/png": BINARY, "image/jpeg": BINARY, "image/webp": BINARY,
     "application/json": schema_ref("EncodeJSONRequest"),
 })
@@ -39,7 +35,7 @@ RESPONSES = {**ERROR_RESPONSES, 200: {"model": EncodeResponse, "description": "t
     NPY: BINARY, SAFETENSORS: BINARY}}}
 
 
-ENCODE_FORM_FIELDS = ("image", "model", "preprocess")
+ENCODE_FORM_FIELDS = tuple(EncodeForm.model_fields)  # image, model, preprocess
 
 
 async def _form_images(request: Request, max_images: int) -> tuple[list[bytes], dict[str, str]]:
