@@ -2,9 +2,11 @@
 and the renderers trust them.
 
 :class:`ValidEncode`, :class:`ValidDecode` and :class:`ValidGenerate` are built here from a request's query and
-body (the synchronous routes, through :mod:`server.deps`), from a jobs body (:mod:`server.jobs`) or from an
-Open Inference Protocol request (:mod:`server.routes.v2`), by the same functions, so one request is valid (and
-means the same) on every route. Each knows its model, its queue payload and its idempotency fingerprint.
+body (the synchronous routes' FastAPI dependencies: ``encode_request``, ``decode_request``,
+``generate_request``), from a jobs body (:mod:`server.jobs`) or from an Open Inference Protocol request
+(:mod:`server.routes.v2`), by the same functions, so one request is valid (and means the same) on every route.
+Each knows its model, its queue payload and its idempotency fingerprint; :mod:`server.render` turns results
+into responses.
 
 Every problem raises a :mod:`server.errors` error that names the parameter and the valid range (422 for
 values; 400 / 413 / 415 / 429 from the parsers and admission it calls).
@@ -89,8 +91,8 @@ def optional_name(value: object, name: str) -> str | None:
 
 
 def decode_body(body: object) -> tuple[dict[str, Any], str | None, str | None]:
-    """The JSON body of ``POST /v1/decode`` -> (the tensor fields, model, format). Unknown fields, a
-    non-string model and an unknown format are 422."""
+    """The JSON body of ``POST /v1/decode`` -> (the tensor fields, model, format). Unknown fields and a
+    non-string model or format are 422 (the format's value is checked by :func:`valid_decode`)."""
     if not isinstance(body, dict):
         raise BadRequest('the JSON body must be a tensor object {"shape", "dtype", "data"}')
     extra = sorted(set(body) - set(DECODE_FIELDS))
@@ -98,8 +100,6 @@ def decode_body(body: object) -> tuple[dict[str, Any], str | None, str | None]:
         raise InvalidValue(f"unknown fields {_short(extra)}: a decode body has {list(DECODE_FIELDS)}")
     model = optional_name(body.get("model"), "model")
     fmt = optional_name(body.get("format"), "format")
-    if fmt is not None and fmt not in DECODE_FORMATS:
-        raise InvalidValue(f"format must be one of {list(DECODE_FORMATS)}, got {_short(fmt)}")
     return {k: body[k] for k in ("shape", "dtype", "data") if k in body}, model, fmt
 
 
