@@ -40,6 +40,7 @@ from server.schemas import (
     DecodeJSONRequest,
     EncodeJSONRequest,
     GenerateParams,
+    JobRequest,
     TensorJSON,
     V2InferRequest,
 )
@@ -117,7 +118,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for model in (TensorJSON, EncodeJSONRequest, DecodeJSONRequest, DecodeImagesResponse, GenerateParams,
-                  V2InferRequest):
+                  JobRequest, V2InferRequest):
         s = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(s.pop("$defs", {}))
         components[model.__name__] = s

@@ -13,6 +13,7 @@ from typing import Any
 
 from server.errors import InvalidValue
 from server.queue.base import OPS
+from server.schemas import JobControl
 from server.state import AppState
 from server.validation import (
     ValidDecode,
@@ -23,7 +24,7 @@ from server.validation import (
     valid_generate,
 )
 
-JOB_FIELDS = ("op", "priority", "deadline_ms")  # what a jobs body adds to a synchronous route's body
+JOB_FIELDS = tuple(JobControl.model_fields)  # what a jobs body adds to a synchronous route's body
 
 
 @dataclass

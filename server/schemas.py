@@ -6,10 +6,13 @@ are these models. Tensors on the wire are :class:`TensorJSON` (flat row-major ``
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, RootModel, field_validator
 
+from server.queue.base import PRIORITY_RANGE
+
+MAX_DEADLINE_MS = 24 * 3600 * 1000  # x-deadline-ms / deadline_ms: at most a day
 ImageFormat = Literal["png", "jpeg", "webp"]
 DecodeFormat = Literal["png", "jpeg", "webp", "npy"]
 PreprocessMode = Literal["center-crop", "resize"]
@@ -157,6 +160,33 @@ class ClassName(BaseModel):
 class ClassesResponse(BaseModel):
     classes: list[ClassName] = Field(..., description="the 1,000 ImageNet-1k classes in id order")
     source: str = Field(..., description="where the names come from")
+
+
+class JobControl(BaseModel):
+    """What a ``POST /v1/jobs`` body adds to the JSON body of its synchronous route (``op`` says which)."""
+
+    op: Literal["encode", "decode", "generate"]
+    priority: int = Field(0, ge=PRIORITY_RANGE[0], le=PRIORITY_RANGE[1],
+                          description="higher runs sooner (also the x-priority header)")
+    deadline_ms: float | None = Field(None, gt=0, le=MAX_DEADLINE_MS,
+                                      description="fail the job if not done by then, in ms (also x-deadline-ms)")
+
+
+class EncodeJob(JobControl, EncodeJSONRequest):
+    op: Literal["encode"]
+
+
+class DecodeJob(JobControl, DecodeJSONRequest):
+    op: Literal["decode"]
+
+
+class GenerateJob(JobControl, GenerateParams):
+    op: Literal["generate"]
+
+
+class JobRequest(RootModel[Annotated[EncodeJob | DecodeJob | GenerateJob, Field(discriminator="op")]]):
+    """The body of POST /v1/jobs: the JSON body of POST /v1/<op> plus op, priority and deadline_ms. (The route
+    reads it by hand, as its synchronous route does; this model is its OpenAPI schema.)"""
 
 
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]

@@ -32,12 +32,11 @@ from server.engine.specs import ModelSpec
 from server.errors import BadRequest, InvalidValue
 from server.handlers import describe_validation
 from server.queue.base import PRIORITY_RANGE, DecodePayload, EncodePayload, GeneratePayload, Payload
-from server.schemas import EncodeJSONRequest, GenerateParams, GenerateQuery
+from server.schemas import MAX_DEADLINE_MS, EncodeJSONRequest, GenerateParams, GenerateQuery
 from server.settings import Settings
 from server.state import AppState
 
 MAX_SEED = 2**53  # JSON-safe integers for every client
-MAX_DEADLINE_MS = 24 * 3600 * 1000  # x-deadline-ms / deadline_ms: at most a day
 # Header forms (ASCII digits only: no "inf", "nan", "1e300", "0x10", "1_000" or non-ASCII digits)
 DEADLINE_HEADER = r"^[0-9]{1,12}(\.[0-9]{1,6})?$"
 PRIORITY_HEADER = r"^[+-]?[0-9]{1,4}$"

@@ -15,25 +15,16 @@ from server import jobs, render
 from server.deps import OptionsDep, StateDep
 from server.errors import BadRequest, InvalidValue, NotFound, NotReady, TokservError
 from server.queue.base import TERMINAL, Job, JobQueue
-from server.routes.common import read_json, request_body
+from server.routes.common import read_json, request_body, schema_ref
 from server.schemas import ERROR_RESPONSES, JobAccepted, JobResponse
 from server.state import AppState
-from server.validation import MAX_DEADLINE_MS, parse_deadline_ms, parse_priority
+from server.validation import parse_deadline_ms, parse_priority
 
 router = APIRouter()
 KEEPALIVE_S = 15.0
 SSE_RETRY_MS = 1000
 
-_BODY = request_body({"application/json": {"schema": {
-    "type": "object", "required": ["op"],
-    "description": "The JSON body of POST /v1/encode, /v1/decode or /v1/generate, plus these fields",
-    "properties": {
-        "op": {"type": "string", "enum": ["encode", "decode", "generate"]},
-        "priority": {"type": "integer", "minimum": -100, "maximum": 100, "default": 0,
-                     "description": "higher runs sooner (also the x-priority header)"},
-        "deadline_ms": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DEADLINE_MS,
-                        "description": "fail the job if not done by then, in ms (also x-deadline-ms)"},
-    }, "additionalProperties": True}}})
+_BODY = request_body({"application/json": schema_ref("JobRequest")})
 
 
 def _queue(state: AppState) -> JobQueue:
@@ -54,7 +45,7 @@ async def create_job(request: Request, state: StateDep, opts: OptionsDep) -> JSO
     fields = {k: body.pop(k) for k in jobs.JOB_FIELDS if k in body}
     priority = parse_priority(fields["priority"]) if "priority" in fields else opts.priority
     deadline = opts.deadline
-    if "deadline_ms" in fields:
+    if fields.get("deadline_ms") is not None:  # null: as absent (x-deadline-ms, else the default)
         deadline = time.time() + parse_deadline_ms(fields["deadline_ms"])
     key = None if opts.idempotency_key is None else f"jobs:{opts.idempotency_key}"
     p = await jobs.prepare(fields.get("op"), body, state, opts.idempotency_key)

@@ -1,6 +1,6 @@
 """The request layer over real HTTP: query and body make one ``Valid*`` request (merged by field), the OpenAPI
-query parameters are the pydantic models' fields and are all accepted, and the jobs API renders a result as
-the synchronous route does (one render module, the same quality settings)."""
+query parameters and bodies are the pydantic models' fields and the server takes what they allow, and the
+jobs API renders a result as the synchronous route does (one render module, the same quality settings)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from server_testkit import ThreadServer
 
+from server.jobs import JOB_FIELDS
 from server.schemas import GenerateParams, GenerateQuery
 
 
@@ -116,3 +117,29 @@ def test_a_job_renders_its_result_as_the_synchronous_route(client: httpx.Client)
     got = np.asarray(npy_job["array"]["data"], np.float32).reshape(expected.shape)  # type: ignore[index]
     assert expected.min() >= -1.0 and expected.max() <= 1.0
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_the_jobs_body_schema_is_each_synchronous_body_plus_the_job_fields(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/JobRequest"}
+    job = schemas["JobRequest"]
+    assert job["discriminator"]["propertyName"] == "op" and len(job["oneOf"]) == 3
+    for op, sync in (("encode", "EncodeJSONRequest"), ("decode", "DecodeJSONRequest"), ("generate", "GenerateParams")):
+        one = schemas[job["discriminator"]["mapping"][op].rsplit("/", 1)[1]]
+        assert set(one["properties"]) == set(schemas[sync]["properties"]) | set(JOB_FIELDS), op
+        assert one["properties"]["op"]["const"] == op and "op" in one["required"]
+        assert one["additionalProperties"] is False
+    # the server takes what the schema allows, and refuses what it does not
+    priority = schemas["GenerateJob"]["properties"]["priority"]
+    deadline = schemas["GenerateJob"]["properties"]["deadline_ms"]["anyOf"][0]
+    ok = {"op": "generate", "class": 207, "steps": 1, "seed": 1}
+    for fields in ({"priority": priority["maximum"], "deadline_ms": deadline["maximum"]},
+                   {"priority": priority["minimum"], "deadline_ms": None}):
+        r = client.post("/v1/jobs", json={**ok, **fields})
+        assert r.status_code == 202, (fields, r.text)
+    for fields in ({"priority": priority["maximum"] + 1}, {"deadline_ms": deadline["maximum"] + 1},
+                   {"deadline_ms": 0}, {"priority": None}):
+        r = client.post("/v1/jobs", json={**ok, **fields})
+        assert r.status_code == 422 and next(iter(fields)) in r.json()["error"]["message"], (fields, r.text)
