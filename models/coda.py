@@ -41,6 +41,7 @@ from models.lora import apply_lora, lora_parameters, merge_lora
 from models.quantizers.base import QuantizerOutput
 from models.quantizers.coda import MAR_SCALES, CODAQuantizer
 from models.registry import get_config, register_config, register_model_class
+from models.surface import CodeStructure, DiscreteTokenizerSurface
 from models.taef2 import DEFAULT_WEIGHTS as TAEF2_WEIGHTS
 from models.taef2 import TAEF2, TAEF2Config
 
@@ -130,11 +131,10 @@ class CODAOutput:
 
 
 @register_model_class
-class CODA(nn.Module):
+class CODA(DiscreteTokenizerSurface, nn.Module):
     """The CODA tokenizer (module docstring). ``encode`` images -> codes (B, L) int64; ``decode`` back."""
 
     config_class = CODAConfig
-    kind = "discrete"
 
     def __init__(self, config: CODAConfig, vae: nn.Module | None = None) -> None:
         super().__init__()
@@ -207,10 +207,6 @@ class CODA(nn.Module):
     # ------------------------------------------------------------------------------------------ serving
 
     @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
     def num_tokens(self) -> int:
         return self.config.num_tokens
 
@@ -218,29 +214,15 @@ class CODA(nn.Module):
     def codebook_size(self) -> int:
         return self.config.codebook_size
 
-    @property
-    def token_shape(self) -> tuple[int]:
-        """(L,): one image's codes, int64."""
-        return (self.config.num_tokens,)
-
-    @property
-    def code_structure(self) -> dict[str, Any]:
-        """JSON-ready description of one image's codes (for ``/v1/models``), with the keys of
-        :meth:`models.imagefolder.CodeStructure.as_dict` (one branch, so ``shape`` is ``[L]``) plus the start
-        ``offsets`` of the scales and the quantized ``latent_shape`` (C, s, s)."""
-        c = self.config
-        sizes = [p * p for p in c.scales]
-        return {
-            "branches": 1,
-            "scales": list(c.scales),
-            "codebook_size": c.codebook_size,
-            "code_dim": c.latent_dim,
-            "shape": [c.num_tokens],
-            "dtype": "int64",
-            "layout": "scales coarse to fine, each p*p row-major",
-            "offsets": [sum(sizes[:i]) for i in range(len(sizes))],
-            "latent_shape": [c.latent_dim, c.latent_side, c.latent_side],
-        }
+    @classmethod
+    def code_structure_for(cls, config: CODAConfig) -> CodeStructure:
+        """One image's codes: (L,) over the scales coarse to fine, each p*p row-major; the quantized map
+        is (C, s, s)."""
+        c = config
+        return CodeStructure(axes=("position",), shape=(c.num_tokens,), codebook_size=c.codebook_size,
+                             code_dim=c.latent_dim, layout="scales coarse to fine, each p*p row-major",
+                             scales=tuple(int(p) for p in c.scales),
+                             latent_shape=(c.latent_dim, c.latent_side, c.latent_side), quantizer="coda")
 
     def _check_images(self, images: torch.Tensor) -> None:
         s = self.config.image_size
@@ -279,13 +261,9 @@ class CODA(nn.Module):
         """images (B, 3, H, W) in [-1, 1] -> codes (B, L) int64 (layout: :attr:`code_structure`)."""
         return self.quantize(self.encode_latents(images)).indices
 
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, L) int64 -> images (B, 3, H, W) in [-1, 1]."""
-        return self.decode_latents(self.codes_to_latents(codes))
-
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """The tokenizer surface: same as :meth:`decode_codes`."""
-        return self.decode_codes(codes)
+        """codes (B, L) int64 -> images (B, 3, H, W) in [-1, 1] (KL-16: about [-1, 1], not clamped)."""
+        return self.decode_latents(self.codes_to_latents(codes))
 
     def forward(self, images: torch.Tensor) -> CODAOutput:
         """images (B, 3, H, W) -> reconstruction of f_hat, the quantizer input and the quantizer output."""

@@ -25,24 +25,24 @@ from timm.layers import Mlp
 from models.layers.attention import attend
 from models.official import check_official_fields
 from models.registry import register_config, register_model_class
+from models.sampling.diffusion import NOISE_SCHEDULES
+from models.sampling.flow import PATH_TYPES
+from models.sampling.registry import sampler_family
+from models.surface import GeneratorConfigBase, SampleSpec
 
-SAMPLERS = {"sit": ("euler", "heun", "sde"), "dit": ("ddpm", "ddim")}
 # Keys only the published SiT config.json has (FORMATS.md 1.3); the DiT config has none of them.
 SIT_ONLY_FIELDS = frozenset({"path_type", "use_cfg", "qk_norm", "decoder_hidden_size", "encoder_depth", "z_dims"})
-PATH_TYPES = ("linear", "cosine")
-NOISE_SCHEDULES = ("cosine", "linear")
 
 
 @dataclass(frozen=True)
-class GeneratorConfig:
+class GeneratorConfig(GeneratorConfigBase):
     """Architecture and sampling defaults of a token diffusion transformer.
 
-    ``num_tokens`` x ``token_dim`` is the latent shape (L, C) of the paired tokenizer (``tokenizer`` names it).
-    ``trained_classes`` lists the ImageNet-1k ids the weights were trained on (empty: all of them). The
-    sampling fields are defaults a server uses when a request leaves them out.
+    ``num_tokens`` x ``token_dim`` is the latent shape (L, C) of the paired tokenizer; conditioning, the
+    tokenizer and the guidance defaults are :class:`~models.surface.GeneratorConfigBase`'s. ``sampler``,
+    ``steps`` and ``path_type`` are the defaults a server uses when a request leaves them out (``sampler`` one
+    of the family's registered names, :func:`models.sampling.sampler_family`).
     """
-
-    family: ClassVar[str] = ""
 
     num_tokens: int = 64
     token_dim: int = 32
@@ -50,44 +50,36 @@ class GeneratorConfig:
     depth: int = 28
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    num_classes: int = 1000
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False
-    tokenizer: str = ""
-    tokenizer_sha256: str = ""  # sha256 of the weights of the tokenizer it was trained on ("" unknown); the server pairs by it
-    trained_classes: tuple[int, ...] = ()
-    # sampling defaults
-    sampler: str = "sde"
-    steps: int = 250
-    cfg_scale: float = 1.0
-    guidance_low: float = 0.0
-    guidance_high: float = 1.0
-    path_type: str = "linear"
+    # sampling defaults (the shared ones are in GeneratorConfigBase)
+    sampler: str = "sde"  # type: ignore[assignment]
+    steps: int = 250  # type: ignore[assignment]
+    path_type: str = "linear"  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        if self.family not in SAMPLERS:
+        if type(self) is GeneratorConfig:
             raise TypeError("GeneratorConfig is a base class: use SiTConfig or DiTConfig")
+        problems = self.check_base()
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+            problems.append(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.hidden_size % 2:
-            raise ValueError("hidden_size must be even (sin-cos position table)")
-        if self.sampler not in SAMPLERS[self.family]:
-            raise ValueError(f"sampler {self.sampler!r} is not one of {SAMPLERS[self.family]} for {self.family}")
+            problems.append("hidden_size must be even (sin-cos position table)")
+        names = sampler_family(self.family).samplers
+        if self.sampler not in names:
+            problems.append(f"sampler {self.sampler!r} is not one of {names} for {self.family}")
         if self.path_type not in PATH_TYPES:
-            raise ValueError(f"path_type {self.path_type!r} is not one of {PATH_TYPES}")
-        if not 0.0 <= self.guidance_low <= self.guidance_high:
-            raise ValueError("need 0 <= guidance_low <= guidance_high")
-        if any(not 0 <= c < self.num_classes for c in self.trained_classes):
-            raise ValueError(f"trained_classes must lie in [0, {self.num_classes})")
+            problems.append(f"path_type {self.path_type!r} is not one of {PATH_TYPES}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def sample_spec(self) -> SampleSpec:
+        """Normalised latents (L, C) float32."""
+        return SampleSpec((self.num_tokens, self.token_dim), "float32")
 
     @property
     def out_channels(self) -> int:
         return 2 * self.token_dim if self.learn_sigma else self.token_dim
-
-    @property
-    def null_class(self) -> int:
-        """The label of the unconditional embedding (the last row of the label table)."""
-        return self.num_classes
 
     # ------------------------------------------------------------------ published config.json translation
 

@@ -47,6 +47,7 @@ from models.quantizers.msrq import IMAGEFOLDER_SCALES, MultiScaleResidualQuantiz
 from models.quantizers.product import ProductQuantizer
 from models.quantizers.vq import VectorQuantizer
 from models.registry import register_config, register_model_class
+from models.surface import CodeStructure, DiscreteTokenizerSurface
 
 # timm DINOv2 names of the published configs -> (width, depth, heads); patch re-set to 16, image 256.
 OFFICIAL_VITS: dict[str, tuple[int, int, int]] = {
@@ -174,32 +175,6 @@ def _official_vit(name: str, field_name: str) -> tuple[int, int, int]:
     return OFFICIAL_VITS[base]
 
 
-@dataclass(frozen=True)
-class CodeStructure:
-    """How one image's integer codes are laid out: ``shape = (num_branches, num_codes)``; along the last
-    axis the ``scales`` follow each other coarse to fine, scale ``p`` holding ``p * p`` row-major codes;
-    every value lies in ``[0, codebook_size)`` (``-1`` = a dropped scale, decodes to zero)."""
-
-    num_branches: int
-    scales: tuple[int, ...]
-    codebook_size: int
-    code_dim: int
-
-    @property
-    def num_codes(self) -> int:
-        return sum(p * p for p in self.scales)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.num_branches, self.num_codes)
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready description (for ``/v1/models``)."""
-        return {"branches": self.num_branches, "scales": list(self.scales), "codebook_size": self.codebook_size,
-                "code_dim": self.code_dim, "shape": list(self.shape), "dtype": "int64",
-                "layout": "per branch: scales coarse to fine, each p*p row-major"}
-
-
 def level_layout(prefix: int, segments: list[int]) -> torch.Tensor:
     """The ``lvl1LC`` buffer (1, prefix + sum(segments)) int64: ``prefix`` zeros, then segment i filled with
     i + 1. Encoder: prefix = 1 + N, segments = [s*s] * G; decoder: prefix = 1 + N, segments = [1 + s*s]."""
@@ -307,12 +282,11 @@ def _branch_quantizer(cfg: ImageFolderConfig) -> Quantizer:
 
 
 @register_model_class
-class ImageFolderModel(nn.Module):
+class ImageFolderModel(DiscreteTokenizerSurface, nn.Module):
     """XQ-GAN SC / ImageFolder tokenizer (module docstring). ``encode`` images -> codes (B, G, L);
-    ``decode_codes`` codes -> images in [-1, 1]; ``quantize`` / ``decode`` go through f_hat (B, G*C, s, s)."""
+    ``decode`` codes -> images in [-1, 1]; ``quantize`` / ``decode_fhat`` go through f_hat (B, G*C, s, s)."""
 
     config_class = ImageFolderConfig
-    kind = "discrete"
     # Training-only tensors of the released checkpoints (FORMATS.md 2.3 and 5).
     IGNORED_KEYS = (
         "semantic_model.*", "detail_model.*", "sem_linear.*", "discriminator.*", "disc.*", "perceptual_loss.*",
@@ -339,10 +313,6 @@ class ImageFolderModel(nn.Module):
     # ------------------------------------------------------------------------------------ description
 
     @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
     def branch_quantizers(self) -> list[Quantizer]:
         """The G per-branch quantizers, in channel order (``quantizes.{g}`` or the single ``quantize``)."""
         if self.config.num_branches == 1:
@@ -355,15 +325,17 @@ class ImageFolderModel(nn.Module):
         branch modules, so that the state dict keeps the published names)."""
         return ProductQuantizer(self.branch_quantizers, channel_dim=1 if self.config.multi_scale else -1)
 
-    @property
-    def code_structure(self) -> CodeStructure:
-        c = self.config
-        return CodeStructure(c.num_branches, tuple(int(p) for p in c.scales), c.codebook_size, c.code_dim)
-
-    @property
-    def code_shape(self) -> tuple[int, int]:
-        """(G, L) of one image's codes."""
-        return self.code_structure.shape
+    @classmethod
+    def code_structure_for(cls, config: ImageFolderConfig) -> CodeStructure:
+        """One image's codes (G, L): per branch, the scales coarse to fine, each p*p row-major; ``-1`` marks
+        a scale dropped by quantizer dropout; the quantized map is (G*C, s, s)."""
+        c = config
+        return CodeStructure(axes=("branch", "position"), shape=(c.num_branches, c.num_codes),
+                             codebook_size=c.codebook_size, code_dim=c.code_dim,
+                             layout="per branch: scales coarse to fine, each p*p row-major",
+                             scales=tuple(int(p) for p in c.scales),
+                             latent_shape=(c.num_branches * c.code_dim, c.latent_side, c.latent_side),
+                             quantizer="msrq" if c.multi_scale else "vq", droppable=c.multi_scale)
 
     @property
     def fhat_shape(self) -> tuple[int, int, int]:
@@ -424,7 +396,7 @@ class ImageFolderModel(nn.Module):
         return self.product.indices_to_codes(idx.reshape(-1, s, s, g)).permute(0, 3, 1, 2)
 
     def quantize(self, images: torch.Tensor) -> torch.Tensor:
-        """images -> f_hat (B, G*C, s, s) of their codes, exactly as :meth:`decode_codes` sees it (the
+        """images -> f_hat (B, G*C, s, s) of their codes, exactly as :meth:`decode` sees it (the
         published ``f_to_idxBl_or_fhat(to_fhat=True)`` last entry, per branch, concatenated)."""
         return self.codes_to_fhat(self.encode(images))
 
@@ -437,13 +409,13 @@ class ImageFolderModel(nn.Module):
         z = self.post_quant_conv(f_hat).flatten(2).transpose(1, 2)  # (B, s*s, Dd)
         return self.decoder(z)
 
-    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+    def decode_fhat(self, f_hat: torch.Tensor) -> torch.Tensor:
         """f_hat (B, G*C, s, s) -> images (B, 3, H, W) clamped to [-1, 1] (published ``fhat_to_img``)."""
         return self.decode_unclamped(f_hat).clamp(-1.0, 1.0)
 
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, G, L) int64 -> images (B, 3, H, W) in [-1, 1]."""
-        return self.decode(self.codes_to_fhat(codes))
+        return self.decode_fhat(self.codes_to_fhat(codes))
 
     def forward(self, images: torch.Tensor) -> ImageFolderOutput:
         """Training forward: images -> unclamped reconstruction of the straight-through f_hat, codes, losses.

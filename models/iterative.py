@@ -1,6 +1,6 @@
 """What the iterative class-conditional generators (MAR, MaskGIT) share in their configs: the guidance
-schedules, the checks every such config makes, and the generator-agnostic names the server reads
-(``null_class``, ``steps``, ``sampler``)."""
+schedules, the checks every such config makes, and the generator-agnostic names of
+:class:`models.surface.GeneratorConfigBase` (``steps``, ``sampler``) over their own fields."""
 
 from __future__ import annotations
 
@@ -8,33 +8,28 @@ CFG_SCHEDULES = ("linear", "constant")  # guidance scale over the iterations: ra
 
 
 class IterativeConfigMixin:
-    """Mixed into frozen config dataclasses with ``hidden_size``, ``num_heads``, ``num_tokens``,
-    ``num_classes``, ``trained_classes``, ``num_iter``, ``cfg_schedule`` and a ``family`` class variable."""
+    """Mixed (first) into frozen :class:`~models.surface.GeneratorConfigBase` dataclasses with
+    ``hidden_size``, ``num_heads``, ``num_tokens``, ``num_iter``, ``cfg_schedule`` and a ``family``."""
 
     hidden_size: int
     num_heads: int
     num_tokens: int
-    num_classes: int
-    trained_classes: tuple[int, ...]
     num_iter: int
     cfg_schedule: str
     family: str
 
     def check_common(self) -> None:
-        """Raise ValueError for the problems every iterative generator config can have."""
+        """Raise ValueError for the problems every iterative generator config can have (the shared fields'
+        too: :meth:`models.surface.GeneratorConfigBase.check_base`)."""
+        problems = self.check_base()  # type: ignore[attr-defined]
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+            problems.append(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule {self.cfg_schedule!r} is not one of {CFG_SCHEDULES}")
+            problems.append(f"cfg_schedule {self.cfg_schedule!r} is not one of {CFG_SCHEDULES}")
         if self.num_iter < 1 or self.num_tokens < 1:
-            raise ValueError("num_iter and num_tokens must be positive")
-        if any(not 0 <= c < self.num_classes for c in self.trained_classes):
-            raise ValueError(f"trained_classes must lie in [0, {self.num_classes})")
-
-    @property
-    def null_class(self) -> int:
-        """The label of the unconditional embedding (one past the classes)."""
-        return self.num_classes
+            problems.append("num_iter and num_tokens must be positive")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @property
     def steps(self) -> int:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from models.layers.attention import attend
 from models.registry import register_config, register_model_class
+from models.surface import ContinuousTokenizerSurface
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -211,7 +212,7 @@ class Decoder(nn.Module):
 
 
 @register_model_class
-class KL16(nn.Module):
+class KL16(ContinuousTokenizerSurface, nn.Module):
     """MAR's KL-16 VAE as a tokenizer: ``encode`` images -> scaled tokens (B, L, 16), ``decode`` back."""
 
     config_class = KL16Config

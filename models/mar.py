@@ -31,12 +31,13 @@ from torch.utils.checkpoint import checkpoint
 from models.dit import TimestepEmbedder, timestep_frequencies
 from models.iterative import CFG_SCHEDULES, IterativeConfigMixin
 from models.registry import register_config, register_model_class
+from models.surface import GeneratorConfigBase, SampleSpec
 
 LN_EPS = 1e-6
 
 
 @dataclass(frozen=True)
-class MARConfig(IterativeConfigMixin):
+class MARConfig(IterativeConfigMixin, GeneratorConfigBase):
     """Architecture, training constants and sampling defaults of a MAR generator.
 
     ``num_tokens`` x ``token_dim`` is the latent shape (L, C) of the tokenizer named by ``tokenizer``; the
@@ -59,13 +60,10 @@ class MARConfig(IterativeConfigMixin):
     buffer_size: int = 64
     diffloss_depth: int = 6
     diffloss_width: int = 1024
-    num_classes: int = 1000
     class_dropout_prob: float = 0.1
     attn_dropout: float = 0.1
     proj_dropout: float = 0.1
     tokenizer: str = "kl16"
-    tokenizer_sha256: str = ""  # sha256 of the weights of the tokenizer it was trained on ("" unknown); the server pairs by it
-    trained_classes: tuple[int, ...] = ()
     # training constants of the head's diffusion and of the masking (FORMATS-MAR-XQV 1.1)
     num_train_timesteps: int = 1000
     noise_schedule: str = "cosine"
@@ -73,15 +71,12 @@ class MARConfig(IterativeConfigMixin):
     diffusion_batch_mul: int = 4
     # sampling defaults
     num_iter: int = 64
-    cfg_scale: float = 1.0
     cfg_schedule: str = "linear"
     temperature: float = 1.0
     diffusion_steps: int = 100
     clip_x0: float = 0.0  # > 0: clamp the head's predicted clean token to [-clip_x0, clip_x0] while sampling
     #                       (0 = off, as published; small CPU-trained heads need it: their first respaced step
     #                       amplifies eps error ~600x at t = 999)
-    guidance_low: float = 0.0
-    guidance_high: float = 1.0
 
     def __post_init__(self) -> None:
         self.check_common()
@@ -93,6 +88,14 @@ class MARConfig(IterativeConfigMixin):
             raise ValueError("buffer_size must be positive")
         if self.clip_x0 < 0:
             raise ValueError("clip_x0 must be >= 0 (0 = off)")
+
+    def sample_spec(self) -> SampleSpec:
+        """Normalised latents (L, C) float32."""
+        return SampleSpec((self.num_tokens, self.token_dim), "float32")
+
+    def sampling_extras(self) -> dict[str, Any]:
+        return {"cfg_schedule": self.cfg_schedule, "temperature": self.temperature,
+                "diffusion_steps": self.diffusion_steps}
 
     @property
     def seq_len(self) -> int:
@@ -250,8 +253,8 @@ class MAR(nn.Module):
                 x = blk(x, attn_mask=attn_mask)
         return x
 
-    def encode(self, tokens: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def run_encoder(self, tokens: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Encoder over the buffer and the known tokens.
 
         tokens (B, L, C), mask (B, L) bool (True = unknown), cls (B, D) -> (h (B, K, D), index (B, K) int64
@@ -279,7 +282,7 @@ class MAR(nn.Module):
         h = self.encoder_norm(self._blocks(self.encoder_blocks, h, attn_mask))
         return h, index, valid
 
-    def decode(self, h: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    def run_decoder(self, h: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Decoder: encoder output (B, K, D) scattered back to its positions, ``mask_token`` elsewhere ->
         per-token conditions z (B, L, D) (buffer dropped, ``diffusion_pos_embed_learned`` added)."""
         B, K, D = h.shape
@@ -299,8 +302,8 @@ class MAR(nn.Module):
                 force_drop: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, L, C) normalised latents (values at unknown positions are ignored), mask (B, L) bool
         (True = unknown), labels (B,) int64 (``num_classes`` = null) -> conditions z (B, L, D)."""
-        h, index, valid = self.encode(tokens, mask, self.class_embedding(labels, force_drop))
-        return self.decode(h, index, valid)
+        h, index, valid = self.run_encoder(tokens, mask, self.class_embedding(labels, force_drop))
+        return self.run_decoder(h, index, valid)
 
     def backbone(self, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The sampler's name for :meth:`forward` (the transformer evaluation)."""

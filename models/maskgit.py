@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -27,12 +27,13 @@ from timm.models.vision_transformer import Block
 
 from models.iterative import CFG_SCHEDULES, IterativeConfigMixin
 from models.registry import register_config, register_model_class
+from models.surface import GeneratorConfigBase, SampleSpec
 
 LN_EPS = 1e-6
 
 
 @dataclass(frozen=True)
-class MaskGITConfig(IterativeConfigMixin):
+class MaskGITConfig(IterativeConfigMixin, GeneratorConfigBase):
     """Architecture and sampling defaults of a MaskGIT generator over ``num_tokens`` codes of
     ``codebook_size`` values (the tokenizer named by ``tokenizer``). ``trained_classes`` lists the ImageNet-1k
     ids the weights know (empty: all). The last fields are the defaults a server uses when a request leaves
@@ -48,15 +49,11 @@ class MaskGITConfig(IterativeConfigMixin):
     depth: int = 6
     num_heads: int = 6
     mlp_ratio: float = 4.0
-    num_classes: int = 1000
     class_dropout_prob: float = 0.1
     dropout: float = 0.0
     tokenizer: str = "coda-taef2-64"
-    tokenizer_sha256: str = ""  # sha256 of the weights of the tokenizer it was trained on ("" unknown); the server pairs by it
-    trained_classes: tuple[int, ...] = ()
     label_smoothing: float = 0.1
     num_iter: int = 8
-    cfg_scale: float = 1.0
     cfg_schedule: str = "linear"
     temperature: float = 1.0
     choice_temperature: float = 4.5
@@ -67,6 +64,14 @@ class MaskGITConfig(IterativeConfigMixin):
             raise ValueError("codebook_size must be >= 2")
         if self.temperature <= 0 or self.choice_temperature < 0:
             raise ValueError("temperature must be > 0 and choice_temperature >= 0")
+
+    def sample_spec(self) -> SampleSpec:
+        """Codes (L,) int64 of ``codebook_size`` values."""
+        return SampleSpec((self.num_tokens,), "int64", self.codebook_size)
+
+    def sampling_extras(self) -> dict[str, Any]:
+        return {"cfg_schedule": self.cfg_schedule, "temperature": self.temperature,
+                "choice_temperature": self.choice_temperature}
 
     @property
     def mask_token_id(self) -> int:

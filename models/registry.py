@@ -48,6 +48,14 @@ def register_config(name: str, cls: type[nn.Module], factory: Callable[[], Any],
     _NAMED[name] = (cls.__name__, factory, description)
 
 
+def unregister(name: str) -> None:
+    """Forget the named configuration ``name``, and its class when no other configuration uses it (tests that
+    register a toy family take it back with this)."""
+    entry = _NAMED.pop(name, None)
+    if entry is not None and all(c != entry[0] for c, _, _ in _NAMED.values()):
+        _CLASSES.pop(entry[0], None)
+
+
 def get_config(name: str, **overrides: Any) -> Any:
     """The config dataclass of a named configuration, with fields replaced by ``overrides``."""
     _ensure_loaded()

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
-from models.dit import PATH_TYPES, SIT_ONLY_FIELDS, DiT, DiTConfig, GeneratorConfig, TokenDiffusionTransformer
+from models.dit import SIT_ONLY_FIELDS, DiT, DiTConfig, GeneratorConfig, TokenDiffusionTransformer
 from models.registry import register_config, register_model_class
+from models.sampling.flow import PATH_TYPES
 
 __all__ = ["DiT", "DiTConfig", "GeneratorConfig", "SiT", "SiTConfig", "TokenDiffusionTransformer"]
 

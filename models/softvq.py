@@ -31,6 +31,7 @@ from models.layers.vit import ToPixel, VisionTransformer
 from models.official import check_official_fields
 from models.quantizers.soft import SoftQuantizerOutput, SoftQuantizerSettings
 from models.registry import register_config, register_model_class
+from models.surface import ContinuousTokenizerSurface
 
 _log = logging.getLogger(__name__)
 
@@ -243,11 +244,10 @@ class SoftVQOutput:
 
 
 @register_model_class
-class SoftVQModel(LatentNormMixin, nn.Module):
+class SoftVQModel(ContinuousTokenizerSurface, LatentNormMixin, nn.Module):
     """SoftVQ-VAE tokenizer. ``encode`` (B, 3, H, W) in [-1, 1] -> (B, L, D); ``decode`` back (unclamped)."""
 
     config_class = SoftVQConfig
-    kind = "continuous"
     # Extra tensors of released / training checkpoints that carry nothing for this model (FORMATS.md 5).
     IGNORED_KEYS = (
         "repa_model.*", "projection.*", "projector.*", "semantic_model.*", "detail_model.*", "sem_linear.*",
@@ -266,15 +266,6 @@ class SoftVQModel(LatentNormMixin, nn.Module):
         self.decoder = SoftVQDecoder(config)
 
     # ------------------------------------------------------------------------------------------ serving
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def token_shape(self) -> tuple[int, int]:
-        """(L, D) of one image's tokens."""
-        return (self.config.num_tokens, self.config.token_dim)
 
     # ------------------------------------------------------------------------------------------ compute
 

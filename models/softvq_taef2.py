@@ -14,8 +14,8 @@ The convolutional stem (TAEF2, MIT, madebyollin/taesd) does the pixel work; the 
 2-D grid into L 1-D tokens and back, the idea CODA applies to discrete codes. Training
 (``python -m training softvq-taef2``) regresses the latent grid (cheap: no pixels) from cached TAEF2 latents.
 
-The serving surface is the one every SoftVQ tokenizer has: ``encode(images) -> (B, L, D)``,
-``decode(tokens) -> images``, ``token_shape``, ``image_size``, ``kind = "continuous"`` and the latent
+The serving surface is every tokenizer's (:mod:`models.surface`): ``encode(images) -> (B, L, D)``,
+``decode(tokens) -> images``, a continuous ``token_spec`` (``token_shape``, ``image_size``) and the latent
 normalisation (``vq_mean`` / ``vq_std``) that generators model. A saved folder holds the TAEF2 weights too
 (``vae.encoder.*``, ``vae.decoder.*``), so it is self-contained.
 """
@@ -34,6 +34,7 @@ from models.layers.vit import LN_EPS, Block
 from models.quantizers.soft import SoftQuantizerOutput, SoftQuantizerSettings
 from models.registry import register_config, register_model_class
 from models.softvq import SoftVQEncoding, SoftVQOutput
+from models.surface import ContinuousTokenizerSurface
 from models.taef2 import TAEF2, TAEF2Config
 
 
@@ -172,12 +173,11 @@ class LatentGridDecoder(nn.Module):
 
 
 @register_model_class
-class SoftVQTAEF2(LatentNormMixin, nn.Module):
+class SoftVQTAEF2(ContinuousTokenizerSurface, LatentNormMixin, nn.Module):
     """SoftVQ tokenizer on the frozen TAEF2. ``encode`` images (B, 3, 64, 64) in [-1, 1] -> tokens (B, L, D);
     ``decode`` tokens -> images in [-1, 1] (TAEF2 clamps)."""
 
     config_class = SoftVQTAEF2Config
-    kind = "continuous"
     OPTIONAL_KEYS = ("quantize.codebook_used",)
 
     def __init__(self, config: SoftVQTAEF2Config) -> None:
@@ -210,14 +210,6 @@ class SoftVQTAEF2(LatentNormMixin, nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------ serving
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def token_shape(self) -> tuple[int, int]:
-        return (self.config.num_tokens, self.config.token_dim)
 
     @property
     def latent_grid_shape(self) -> tuple[int, int, int]:

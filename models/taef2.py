@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from models.latent_norm import LatentNormMixin
 from models.registry import register_config, register_model_class
+from models.surface import ContinuousTokenizerSurface
 
 DEFAULT_WEIGHTS = Path(os.environ.get("TOKSERVE_TAEF2", "../shared/weights/taef2"))
 
@@ -105,7 +106,7 @@ class TAEF2Config:
 
 
 @register_model_class
-class TAEF2(LatentNormMixin, nn.Module):
+class TAEF2(ContinuousTokenizerSurface, LatentNormMixin, nn.Module):
     config_class = TAEF2Config
 
     def __init__(self, config: TAEF2Config) -> None:

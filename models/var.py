@@ -36,13 +36,14 @@ from timm.layers import DropPath
 from models.layers.attention import attend
 from models.quantizers.msrq import IMAGEFOLDER_SCALES
 from models.registry import register_config, register_model_class
+from models.surface import GeneratorConfigBase, SampleSpec
 
 # One layer's cache: keys and values (N, heads, positions so far, head_dim).
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
-class VARConfig:
+class VARConfig(GeneratorConfigBase):
     """Architecture, training constants and sampling defaults of a VAR generator.
 
     ``scales`` (``patch_nums``) must equal the tokenizer's; ``num_branches`` x ``codebook_size`` is the head
@@ -57,7 +58,6 @@ class VARConfig:
     width: int = 1024
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    num_classes: int = 1000
     scales: tuple[int, ...] = IMAGEFOLDER_SCALES
     num_branches: int = 2
     codebook_size: int = 4096
@@ -66,15 +66,12 @@ class VARConfig:
     norm_eps: float = 1e-6
     cond_drop: float = 0.1
     drop_path_rate: float = 0.0
-    tokenizer: str = ""
-    tokenizer_sha256: str = ""  # sha256 of the weights of the tokenizer it was trained on ("" unknown); the server pairs by it
-    trained_classes: tuple[int, ...] = ()
     cfg_scale: float = 1.5
     top_k: int = 0
     top_p: float = 0.0
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = self.check_base()
         if self.width % self.num_heads:
             problems.append(f"width {self.width} not divisible by num_heads {self.num_heads}")
         if not self.scales or any(int(p) < 1 for p in self.scales):
@@ -83,8 +80,6 @@ class VARConfig:
             problems.append(f"code_dim {self.code_dim} must split evenly over {self.num_branches} branches")
         if self.top_k < 0 or not 0.0 <= self.top_p <= 1.0:
             problems.append("top_k must be >= 0 and top_p in [0, 1]")
-        if any(not 0 <= c < self.num_classes for c in self.trained_classes):
-            problems.append(f"trained_classes must lie in [0, {self.num_classes})")
         if problems:
             raise ValueError("invalid VARConfig: " + "; ".join(problems))
 
@@ -102,11 +97,6 @@ class VARConfig:
         return int(self.scales[0]) ** 2
 
     @property
-    def null_class(self) -> int:
-        """The label of the unconditional embedding (the last row of ``class_emb``)."""
-        return self.num_classes
-
-    @property
     def vocab_size(self) -> int:
         """Head width: G x V logits, one chunk of V per branch."""
         return self.num_branches * self.codebook_size
@@ -119,6 +109,13 @@ class VARConfig:
     @property
     def sampler(self) -> str:
         return "var"
+
+    def sample_spec(self) -> SampleSpec:
+        """Codes (G, L) int64 (branches x pyramid positions) of ``codebook_size`` values."""
+        return SampleSpec((self.num_branches, self.num_tokens), "int64", self.codebook_size)
+
+    def sampling_extras(self) -> dict[str, Any]:
+        return {"top_k": self.top_k, "top_p": self.top_p}
 
     def scale_slices(self) -> list[tuple[int, int]]:
         """[begin, end) of each scale's positions in the sequence."""

@@ -14,8 +14,9 @@ For per-vector quantizers (VQ, LFQ, BSQ) the L positions are the ``h x w`` laten
 for the multi-scale residual quantizer they are its scales concatenated coarse to fine, each row-major
 (``L = sum(p * p)``). ``-1`` marks a level dropped by quantizer dropout. :attr:`XQGANCNN.code_structure`
 says the same thing as data, for ``/v1/models``. The serving surface is the SC pipeline's
-(``models/imagefolder.py``): ``encode`` -> codes, ``decode_codes`` -> images clamped to [-1, 1],
-``codes_to_fhat``, ``decode(f_hat)`` (clamped) and ``decode_unclamped(f_hat)`` (training).
+(``models/imagefolder.py``) and every tokenizer's (:mod:`models.surface`): ``encode`` -> codes, ``decode``
+codes -> images clamped to [-1, 1]; inside, ``codes_to_fhat``, ``decode_fhat(f_hat)`` (clamped) and
+``decode_unclamped(f_hat)`` (training).
 
 With one group and one level the quantizer is the bare module at ``quantize``, so the state-dict keys are
 exactly those of LlamaGen VQ-16 (FORMATS-MAR-XQV.md 2.2): ``encoder.conv_blocks.{i}.{res,attn,downsample}``,
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from models.quantizers.product import ProductQuantizer
 from models.quantizers.residual import ResidualQuantizer
 from models.quantizers.vq import VectorQuantizer
 from models.registry import register_config, register_model_class
+from models.surface import CodeStructure, DiscreteTokenizerSurface
 
 QUANTIZERS: tuple[str, ...] = ("vq", "lfq", "bsq", "msrq")
 _BINARY = ("lfq", "bsq")
@@ -359,44 +360,6 @@ class CNNDecoder(nn.Module):
 # --------------------------------------------------------------------------------------------- model
 
 
-@dataclass(frozen=True)
-class CNNCodeStructure:
-    """How one image's codes are laid out: ``shape = (L, Q, G)`` (position, residual level, channel group);
-    positions are the ``grid`` in row-major order, or (MSRQ) the ``scales`` coarse to fine, each row-major;
-    values lie in ``[0, codebook_size)``, ``-1`` marking a dropped level (it decodes to zero)."""
-
-    quantizer: str
-    num_positions: int
-    num_levels: int
-    num_groups: int
-    codebook_size: int
-    group_dim: int
-    grid: tuple[int, int] | None = None
-    scales: tuple[int, ...] | None = None
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.num_positions, self.num_levels, self.num_groups)
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready description (for ``/v1/models``)."""
-        positions: dict[str, Any] = (
-            {"order": "scales coarse to fine, each p*p row-major", "scales": list(self.scales)}
-            if self.scales is not None
-            else {"order": "row-major grid", "grid": list(self.grid or ())}
-        )
-        return {
-            "axes": ["position", "level", "group"],
-            "shape": list(self.shape),
-            "dtype": "int64",
-            "codebook_size": self.codebook_size,
-            "quantizer": self.quantizer,
-            "positions": positions,
-            "levels": "residual levels, summed (-1: dropped level, decodes to zero)",
-            "groups": f"{self.num_groups} channel groups of {self.group_dim}, concatenated",
-        }
-
-
 @dataclass
 class XQGANEncoding:
     """Training-time encoder outputs: ``features`` (B, d, h, w), the ``quant_conv`` output before
@@ -422,13 +385,12 @@ class XQGANOutput:
 
 
 @register_model_class
-class XQGANCNN(nn.Module):
+class XQGANCNN(DiscreteTokenizerSurface, nn.Module):
     """XQ-GAN V-pipeline tokenizer (module docstring). ``encode`` (B, 3, H, W) in [-1, 1] -> codes
-    (B, L, Q, G) int64; ``decode_codes`` codes -> images in [-1, 1]; ``decode`` / ``decode_unclamped`` go
+    (B, L, Q, G) int64; ``decode`` codes -> images in [-1, 1]; ``decode_fhat`` / ``decode_unclamped`` go
     through the quantized map (B, d, h, w) (the same surface as the SC pipeline's ``ImageFolderModel``)."""
 
     config_class = XQGANCNNConfig
-    kind = "discrete"
     # Usage statistics and training-only modules of the LlamaGen / XQ-GAN files (FORMATS-MAR-XQV.md 2.2, 3).
     IGNORED_KEYS = (
         "quantize.codebook_used",
@@ -456,10 +418,6 @@ class XQGANCNN(nn.Module):
     # ------------------------------------------------------------------------------------------ description
 
     @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
     def spatial(self) -> bool:
         """Whether the quantizer works on (B, d, h, w) maps (MSRQ) rather than per vector."""
         return self.config.quantizer == "msrq"
@@ -470,25 +428,22 @@ class XQGANCNN(nn.Module):
         s = self.config.latent_side
         return (self.config.codebook_dim, s, s)
 
-    @property
-    def code_structure(self) -> CNNCodeStructure:
-        c = self.config
+    @classmethod
+    def code_structure_for(cls, config: XQGANCNNConfig) -> CodeStructure:
+        """One image's codes (L, Q, G): position, residual level (summed), channel group (concatenated).
+        Positions are the MSRQ scales coarse to fine, each row-major, or the row-major latent grid; ``-1``
+        marks a dropped level."""
+        c = config
         s = c.latent_side
-        return CNNCodeStructure(
-            quantizer=c.quantizer,
-            num_positions=c.num_positions,
-            num_levels=c.num_levels,
-            num_groups=c.num_groups,
-            codebook_size=c.vocab_size,
-            group_dim=c.group_dim,
-            grid=None if self.spatial else (s, s),
-            scales=tuple(c.scales) if self.spatial else None,
+        spatial = c.quantizer == "msrq"
+        return CodeStructure(
+            axes=("position", "level", "group"), shape=(c.num_positions, c.num_levels, c.num_groups),
+            codebook_size=c.vocab_size, code_dim=c.group_dim,
+            layout=("scales coarse to fine, each p*p row-major" if spatial else "row-major grid")
+            + f"; {c.num_levels} residual levels summed; {c.num_groups} channel groups of {c.group_dim} concatenated",
+            scales=tuple(int(p) for p in c.scales) if spatial else (), grid=None if spatial else (s, s),
+            latent_shape=(c.codebook_dim, s, s), quantizer=c.quantizer, droppable=True,
         )
-
-    @property
-    def code_shape(self) -> tuple[int, int, int]:
-        """(L, Q, G) of one image's codes."""
-        return self.code_structure.shape
 
     @property
     def last_layer(self) -> Tensor:
@@ -559,14 +514,14 @@ class XQGANCNN(nn.Module):
             )
         return self.decoder(self.post_quant_conv(f_hat))
 
-    def decode(self, f_hat: Tensor) -> Tensor:
+    def decode_fhat(self, f_hat: Tensor) -> Tensor:
         """A quantized map (B, d, h, w) -> images (B, 3, H, W) clamped to [-1, 1] (as XQ-GAN's
         ``img_to_reconstructed_img``)."""
         return self.decode_unclamped(f_hat).clamp(-1.0, 1.0)
 
-    def decode_codes(self, codes: Tensor) -> Tensor:
+    def decode(self, codes: Tensor) -> Tensor:
         """codes (B, L, Q, G) int64 -> images (B, 3, H, W) in [-1, 1]."""
-        return self.decode(self.codes_to_fhat(codes))
+        return self.decode_fhat(self.codes_to_fhat(codes))
 
     def forward(self, images: Tensor) -> XQGANOutput:
         """images (B, 3, H, W) -> unclamped reconstruction, quantized map, codes and quantizer output."""
@@ -637,7 +592,6 @@ _register()
 __all__ = [
     "QUANTIZERS",
     "AttnBlock",
-    "CNNCodeStructure",
     "CNNDecoder",
     "CNNEncoder",
     "Downsample",

@@ -334,9 +334,9 @@ def validate_generate(p: GenerateParams, spec: ModelSpec, settings: Settings,
         raise InvalidValue(f"sampler {sampler!r} does not fit {spec.name} ({spec.family}): use one of "
                            f"{list(spec.samplers)}")
     steps = p.steps if p.steps is not None else int(d["steps"])
-    if spec.family == "var" and steps != int(d["steps"]):
-        raise InvalidValue(f"{spec.name} is a VAR generator: it runs its {d['steps']} scales, so steps must be "
-                           f"{d['steps']} (or left out), got {steps}")
+    if spec.fixed_steps and steps != int(d["steps"]):
+        raise InvalidValue(f"{spec.name} ({spec.family}) always runs its {d['steps']} {spec.step_noun}, so steps "
+                           f"must be {d['steps']} (or left out), got {steps}")
     if not 1 <= steps <= settings.max_steps:
         raise InvalidValue(f"steps must be in 1..{settings.max_steps}, got {steps}")
     if p.guidance_interval is not None and (p.guidance_low is not None or p.guidance_high is not None):

@@ -53,16 +53,16 @@ def image_size_of(model: nn.Module) -> int:
 @torch.no_grad()
 def reconstruct(model: nn.Module, images: torch.Tensor, batch_size: int, codes_out: list | None = None,
                 desc: str | None = None) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> reconstructed uint8 (N, 3, H, W). A discrete tokenizer's integer codes are
-    decoded by ``decode_codes`` (and appended to ``codes_out`` when given). A progress bar named ``desc``."""
+    """uint8 (N, 3, H, W) -> reconstructed uint8 (N, 3, H, W) through ``decode(encode(x))`` (any tokenizer); a
+    discrete tokenizer's integer codes are appended to ``codes_out`` when given. A progress bar named ``desc``."""
     out = []
     with progress(total=images.shape[0], desc=desc) as bar:
         for i in range(0, images.shape[0], batch_size):
             x = to_float(images[i : i + batch_size])
             codes_or_tokens = model.encode(x)
-            if codes_out is not None and hasattr(model, "decode_codes"):
+            if codes_out is not None and not codes_or_tokens.is_floating_point():
                 codes_out.append(codes_or_tokens.cpu())
-            out.append(to_uint8(getattr(model, "decode_codes", model.decode)(codes_or_tokens)))
+            out.append(to_uint8(model.decode(codes_or_tokens)))
             bar.update(x.shape[0])
     return torch.cat(out)
 
@@ -182,14 +182,15 @@ def generate(generator: nn.Module, tokenizer: nn.Module, classes: list[int], per
              desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 3, H, W) and labels (N,), ``per_class`` per class, seeds ``seed + i``; the sampler is
     ``get_sampler(sampler_name, config)`` fed the module itself. SiT / DiT / MAR latents are denormalised and
-    decoded; MaskGIT / VAR codes go through the tokenizer's ``decode_codes`` (VAR's sampler also takes the
+    decoded; MaskGIT / VAR codes go to the tokenizer's ``decode`` as they are (VAR's sampler also takes the
     tokenizer, for its next-scale inputs). A progress bar named ``desc`` when given."""
-    from models.sampling import CODE_FAMILIES, get_sampler, output_shape, run_to_completion
+    from models.sampling import get_sampler, run_to_completion, sampler_family
 
     g = generator.config
-    family = getattr(g, "family", "")
-    sampler = get_sampler(sampler_name, g, **({"tokenizer": tokenizer} if family == "var" else {}))
-    shape, _ = output_shape(g)
+    needs_tokenizer = sampler_family(g.family).needs_tokenizer
+    sampler = get_sampler(sampler_name, g, **({"tokenizer": tokenizer} if needs_tokenizer else {}))
+    sample = g.sample_spec()
+    shape = sample.shape
     labels = torch.tensor([c for c in classes for _ in range(per_class)])
     reqs = sample_requests(g, labels.tolist(), steps=steps, cfg_scale=cfg_scale, sampler_name=sampler_name,
                            seed=seed)
@@ -197,8 +198,8 @@ def generate(generator: nn.Module, tokenizer: nn.Module, classes: list[int], per
     with progress(total=len(reqs), desc=desc) as bar:
         for i in range(0, len(reqs), batch_size):
             res = run_to_completion(sampler, generator, reqs[i : i + batch_size], shape)
-            if family in CODE_FAMILIES:
-                out.append(to_uint8(tokenizer.decode_codes(res.long())))
+            if sample.dtype == "int64":
+                out.append(to_uint8(tokenizer.decode(res.long())))
             else:
                 out.append(to_uint8(tokenizer.decode(tokenizer.denormalize_latents(res.float()))))
             bar.update(len(out[-1]))

@@ -33,6 +33,8 @@ from models.sampling.base import ModelFn, Row, SampleRequest, StepStats
 from models.sampling.guidance import call_model, guidance_active, guided_forward
 
 NUM_TRAIN_TIMESTEPS = 1000
+DIFFUSION_SAMPLERS = ("ddpm", "ddim")
+NOISE_SCHEDULES = ("cosine", "linear")  # training beta schedules (DiT's noise_schedule)
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -243,8 +245,8 @@ class DiffusionSampler:
 
     def __init__(self, name: str = "ddpm", *, noise_schedule: str = "cosine", null_class: int = 1000,
                  device: torch.device | str = "cpu") -> None:
-        if name not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown diffusion sampler {name!r}; expected ddpm or ddim")
+        if name not in DIFFUSION_SAMPLERS:
+            raise ValueError(f"unknown diffusion sampler {name!r}; expected one of {DIFFUSION_SAMPLERS}")
         beta_schedule(noise_schedule, 2)  # validates the name
         self.name = name
         self.noise_schedule = noise_schedule

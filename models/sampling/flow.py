@@ -29,7 +29,8 @@ import torch
 from models.sampling.base import ModelFn, Row, SampleRequest, StepStats
 from models.sampling.guidance import call_model, guidance_active, guided_forward
 
-PATH_TYPES = ("linear", "cosine")
+PATH_TYPES = ("linear", "cosine")  # interpolants of the SDE sampler (SiT's path_type)
+FLOW_SAMPLERS = ("euler", "heun", "sde")
 SDE_LAST_T = 0.04
 
 
@@ -162,8 +163,8 @@ class FlowSampler:
 
     def __init__(self, name: str = "sde", *, null_class: int = 1000, model_dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
-        if name not in ("euler", "heun", "sde"):
-            raise ValueError(f"unknown flow sampler {name!r}; expected euler, heun or sde")
+        if name not in FLOW_SAMPLERS:
+            raise ValueError(f"unknown flow sampler {name!r}; expected one of {FLOW_SAMPLERS}")
         self.name = name
         self.null_class = null_class
         self.model_dtype = model_dtype

@@ -79,7 +79,7 @@ class Engine:
                 assert isinstance(tok, TokenizerRuntime)
                 name = spec.defaults["sampler"]
                 sampler = rt.make_sampler(name, tok)
-                steps = int(spec.defaults["steps"]) if spec.family == "var" else 2  # VAR runs all its scales
+                steps = rt.family.warmup_steps(int(spec.defaults["steps"]))
                 req = SampleRequest(class_id=spec.classes[0], seed=0, steps=steps, cfg_scale=2.0, sampler=name,
                                     path_type=spec.defaults["path_type"])
                 rows = [sampler.init_row(req, spec.token_shape)]

@@ -117,17 +117,17 @@ def _torch_only(runtime: Runtime, what: str) -> None:
 
 
 class TokenizerRuntime(Runtime):
-    """Continuous tokenizers: ``encode`` -> float tokens, ``decode(tokens)``. Discrete ones
-    (``spec.discrete``): ``encode`` -> int64 codes, ``decode(codes)`` is the module's ``decode_codes``."""
+    """Any tokenizer (:class:`models.surface.Tokenizer`): ``encode`` images -> tokens, ``decode`` tokens ->
+    images. Tokens are float latents, or int64 codes for a discrete one (``spec.discrete``), which the
+    exported backends do not cover."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.discrete = self.spec.discrete
+        self._encode, self._decode = self.module.encode, self.module.decode
         if self.discrete:
             _torch_only(self, "discrete tokenizers")
-            self._encode, self._decode = self.module.encode, self.module.decode_codes
             return
-        self._encode, self._decode = self.module.encode, self.module.decode
         if self.backend != "torch":
             from export.runtime import TokenizerRuntime as Exported
 
@@ -148,12 +148,14 @@ class TokenizerRuntime(Runtime):
         """Generator output -> tokens: latents (B, L, D) ``x * vq_std + vq_mean`` (float32); codes as they are."""
         if self.discrete:
             return latents.long()
-        cfg = self.spec.config
-        return (latents.double() * cfg.vq_std + cfg.vq_mean).float()
+        ts = self.spec.token_spec
+        assert ts is not None
+        return (latents.double() * ts.latent_std + ts.latent_mean).float()
 
 
 class _InferenceModule:
-    """A MAR / MaskGIT / VAR module for its step sampler: every call under ``torch.inference_mode``."""
+    """A module handed to a step sampler that calls it directly (``model_input="module"``: MAR, MaskGIT,
+    VAR ...) or to a sampler as its tokenizer: every call under ``torch.inference_mode``."""
 
     def __init__(self, module: nn.Module) -> None:
         self._module = module
@@ -175,15 +177,17 @@ class _InferenceModule:
 
 
 class GeneratorRuntime(Runtime):
-    """SiT / DiT: the samplers call :meth:`model_fn`. MAR / MaskGIT / VAR: their samplers call the module's
-    own methods (``backbone`` / ``head``, ``__call__``, ``forward_scale``) on the runtime's device and dtype,
-    through :attr:`sampler_model`."""
+    """A generator and its family's registered sampler (:func:`models.sampling.sampler_family`). A family
+    whose sampler takes ``model_fn`` (SiT, DiT) calls :meth:`model_fn` (any backend: exportable); one whose
+    sampler takes the module (MAR, MaskGIT, VAR) calls the module's own methods on the runtime's device and
+    dtype, through :attr:`sampler_model`, in eager torch."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        from models.sampling import DENOISER_FAMILIES
+        from models.sampling import sampler_family
 
-        self.denoiser = self.spec.family in DENOISER_FAMILIES
+        self.family = sampler_family(self.spec.family)
+        self.denoiser = self.family.model_input == "model_fn"
         self._forward = self.module
         if not self.denoiser:
             _torch_only(self, f"{self.spec.family} generators")
@@ -204,18 +208,14 @@ class GeneratorRuntime(Runtime):
         return self.model_fn if self.denoiser else _InferenceModule(self.module)
 
     def make_sampler(self, name: str, tokenizer: TokenizerRuntime | None = None) -> Any:
-        """The step sampler ``name`` for this generator on its device (VAR also needs its tokenizer)."""
+        """The step sampler ``name`` for this generator: rows on the CPU for a ``model_fn`` family, on the
+        module's device and dtype otherwise; with the paired tokenizer when the family needs one."""
         from models.sampling import get_sampler
 
-        family = self.spec.family
-        kwargs: dict[str, Any] = {}
-        if family in ("mar", "var"):
-            kwargs = {"device": self.device, "dtype": self.dtype}
-        elif family == "maskgit":
-            kwargs = {"device": self.device}
-        if family == "var":
+        kwargs: dict[str, Any] = {} if self.denoiser else {"device": self.device, "dtype": self.dtype}
+        if self.family.needs_tokenizer:
             if tokenizer is None:
-                raise ValueError(f"{self.spec.name}: a VAR sampler needs its tokenizer")
+                raise ValueError(f"{self.spec.name}: a {self.spec.family} sampler needs its tokenizer")
             kwargs["tokenizer"] = _InferenceModule(tokenizer.module)
         return get_sampler(name, self.spec.config, **kwargs)
 

@@ -10,10 +10,12 @@ tokenizer it was trained on: the loaded tokenizer whose weights have the sha256 
 (``tokenizer_sha256``, written by ``python -m training``), else the one its config names, else (with a
 warning) the only loaded tokenizer whose token shape matches.
 
-Continuous tokenizers (SoftVQ, TAEF2, KL-16) have float tokens of shape (L, D); discrete ones (CODA,
-ImageFolder / XQ-GAN, XQ-GAN CNN) have int64 codes of their own shape ((L,), (G, L), (L, Q, G)), described by
-``code_structure`` (branches, scales, codebook size, layout) in ``/v1/models``. Generators: SiT / DiT / MAR
-make continuous latents of their tokenizer's (L, D); MaskGIT makes (L,) codes and VAR (G, L) codes.
+What a model is comes from the model library's surface, never from its class name
+(:func:`models.surface.surface_of`): a tokenizer's :class:`~models.surface.TokenSpec` (float32 tokens (L, D),
+or int64 codes of their own shape with a ``code_structure``), or a generator's family, the
+:class:`~models.surface.SampleSpec` it makes and its sampling defaults. A generator is servable when its family
+has a registered sampler (:func:`models.sampling.sampler_family`); that entry also gives the sampler names
+and whether the step count is fixed.
 """
 
 from __future__ import annotations
@@ -24,17 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from models.sampling import FAMILY_SAMPLERS
+from models.sampling import sampler_family
+from models.surface import SampleSpec, TokenSpec, surface_of
 from server.errors import NotFound
 
 log = logging.getLogger("tokserve.models")
 
 
-
 @dataclass(frozen=True)
 class ModelSpec:
-    """One served model. ``token_shape`` is (L, D) of one image's tokens. Generators also carry the paired
-    ``tokenizer``, the served ``classes``, the null class (``num_classes``) and sampling ``defaults``."""
+    """One served model. ``token_shape`` / ``token_dtype``: one image's tokens, (L, D) float32 or int64 codes.
+    Tokenizers carry their ``token_spec``; generators the ``sample_spec`` they make, the paired
+    ``tokenizer``, the served ``classes``, the null class (``num_classes``), the sampler names, sampling
+    ``defaults`` and whether ``steps`` is fixed (``fixed_steps``: only the default is valid)."""
 
     name: str
     kind: Literal["tokenizer", "generator"]
@@ -51,6 +55,10 @@ class ModelSpec:
     num_classes: int | None = None
     samplers: tuple[str, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict)
+    fixed_steps: bool = False
+    step_noun: str = "steps"
+    token_spec: TokenSpec | None = None
+    sample_spec: SampleSpec | None = None
 
     @property
     def discrete(self) -> bool:
@@ -136,68 +144,30 @@ def _read(entry: str) -> tuple[str, str, bool, Any]:
                      f"(known: {', '.join(list_models())})")
 
 
-def _generator_token_shape(cfg: Any) -> tuple[tuple[int, ...], str]:
-    """(shape, dtype) of one image's generator output: latents (L, D) or codes (L,) / (G, L)."""
-    from models.sampling import output_shape
-
-    return output_shape(cfg)
-
-
-def _generator_defaults(cfg: Any) -> dict[str, Any]:
-    """Sampling defaults a request may override (``/v1/models``); family extras are informational."""
-    out: dict[str, Any] = {"sampler": cfg.sampler, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
-                           "guidance_interval": [getattr(cfg, "guidance_low", 0.0), getattr(cfg, "guidance_high", 1.0)],
-                           "path_type": getattr(cfg, "path_type", "linear")}
-    for extra in ("cfg_schedule", "temperature", "diffusion_steps", "choice_temperature", "top_k", "top_p"):
-        if hasattr(cfg, extra):
-            out[extra] = getattr(cfg, extra)
-    return out
-
-
-def _discrete_structure(cfg: Any) -> tuple[int, dict[str, Any]] | None:
-    """(image size, code structure) of a discrete tokenizer config, read from a weightless (meta) build;
-    None for other models."""
-    import torch
-
-    from models.registry import class_for_config
-
-    try:
-        cls = class_for_config(cfg)
-    except KeyError:
-        return None
-    if not hasattr(cls, "decode_codes"):
-        return None
-    with torch.device("meta"):
-        module = cls(cfg)
-    cs = module.code_structure
-    return int(module.image_size), dict(cs if isinstance(cs, dict) else cs.as_dict())
-
-
 def _spec(name: str, source: str, random_weights: bool, cfg: Any) -> ModelSpec:
-    if hasattr(cfg, "num_classes") and hasattr(cfg, "family"):
-        family = cfg.family
-        if family not in FAMILY_SAMPLERS:
-            raise ValueError(f"{name}: generator family {family!r} is not servable")
-        classes = tuple(cfg.trained_classes) or tuple(range(cfg.num_classes))
-        shape, dtype = _generator_token_shape(cfg)
-        return ModelSpec(name=name, kind="generator", family=family, source=source, random_weights=random_weights,
-                         config=cfg, image_size=0, token_shape=shape, token_dtype=dtype,
-                         tokenizer=cfg.tokenizer or None, classes=classes, num_classes=cfg.num_classes,
-                         samplers=FAMILY_SAMPLERS[family], defaults=_generator_defaults(cfg))
-    if all(hasattr(cfg, a) for a in ("vq_mean", "vq_std", "num_tokens", "token_dim", "image_size")):
-        family = type(cfg).__name__.lower().removesuffix("config")
-        return ModelSpec(name=name, kind="tokenizer", family=family, source=source, random_weights=random_weights,
-                         config=cfg, image_size=cfg.image_size, token_shape=(cfg.num_tokens, cfg.token_dim),
-                         defaults={"preprocess": "center-crop"})
-    discrete = _discrete_structure(cfg)
-    if discrete is not None:
-        image_size, cs = discrete
-        family = type(cfg).__name__.lower().removesuffix("config")
-        return ModelSpec(name=name, kind="tokenizer", family=family, source=source, random_weights=random_weights,
-                         config=cfg, image_size=image_size, token_shape=tuple(int(n) for n in cs["shape"]),
-                         token_dtype="int64", code_structure=cs, defaults={"preprocess": "center-crop"})
-    raise ValueError(f"{name}: {type(cfg).__name__} is not servable (need a tokenizer, continuous or discrete, "
-                     f"or a generator of {sorted(FAMILY_SAMPLERS)})")
+    try:
+        surface = surface_of(cfg)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{name}: {type(cfg).__name__} is not servable: {e}") from None
+    if surface.kind == "generator":
+        try:
+            family = sampler_family(surface.family)
+        except ValueError as e:
+            raise ValueError(f"{name}: generator family {surface.family!r} is not servable: {e}") from None
+        sample = surface.sample_spec
+        assert sample is not None
+        return ModelSpec(name=name, kind="generator", family=surface.family, source=source,
+                         random_weights=random_weights, config=cfg, image_size=0, token_shape=sample.shape,
+                         token_dtype=sample.dtype, tokenizer=cfg.tokenizer or None, classes=cfg.classes,
+                         num_classes=cfg.num_classes, samplers=family.samplers, defaults=cfg.sampling_defaults(),
+                         fixed_steps=family.fixed_steps, step_noun=family.step_noun, sample_spec=sample)
+    ts = surface.token_spec
+    assert ts is not None
+    return ModelSpec(name=name, kind="tokenizer", family=surface.family, source=source,
+                     random_weights=random_weights, config=cfg, image_size=ts.image_size, token_shape=ts.shape,
+                     token_dtype=ts.dtype,
+                     code_structure=None if ts.code_structure is None else ts.code_structure.as_dict(),
+                     defaults={"preprocess": ts.preprocess}, token_spec=ts)
 
 
 def _pair(gen: ModelSpec, tokenizers: list[ModelSpec]) -> ModelSpec:
@@ -205,7 +175,7 @@ def _pair(gen: ModelSpec, tokenizers: list[ModelSpec]) -> ModelSpec:
     named = [t for t in tokenizers if t.name == gen.tokenizer]
     if tok is None and named:
         tok = named[0]
-        if getattr(gen.config, "tokenizer_sha256", ""):
+        if gen.config.tokenizer_sha256:
             log.warning("generator %s was trained on tokenizer weights sha256 %s…, which no loaded tokenizer has: "
                         "pairing it by name with %s (other weights: its images may be wrong)", gen.name,
                         gen.config.tokenizer_sha256[:12], tok.name)
@@ -219,19 +189,17 @@ def _pair(gen: ModelSpec, tokenizers: list[ModelSpec]) -> ModelSpec:
         log.warning("generator %s names tokenizer %r, which is not loaded: pairing it with %s by token shape "
                     "%s only (if that is not the tokenizer it was trained on, its images are wrong)", gen.name,
                     gen.tokenizer, tok.name, tok.token_shape)
-    if tok.token_shape != gen.token_shape or tok.token_dtype != gen.token_dtype:
-        raise ValueError(f"generator {gen.name} makes {gen.token_shape} {gen.token_dtype} tokens but {tok.name} "
-                         f"decodes {tok.token_shape} {tok.token_dtype}")
-    if tok.discrete and int(gen.config.codebook_size) != tok.codebook_size:
-        raise ValueError(f"generator {gen.name} samples codes of {gen.config.codebook_size} values but {tok.name}'s "
-                         f"codebook has {tok.codebook_size}")
+    assert gen.sample_spec is not None and tok.token_spec is not None
+    misfit = gen.sample_spec.fits(tok.token_spec)
+    if misfit is not None:
+        raise ValueError(f"generator {gen.name} cannot be decoded by {tok.name}: it {misfit}")
     return dataclasses.replace(gen, tokenizer=tok.name, image_size=tok.image_size)
 
 
 def _by_identity(gen: ModelSpec, tokenizers: list[ModelSpec]) -> ModelSpec | None:
     """The loaded tokenizer whose weights are those ``gen`` was trained on (its config's
     ``tokenizer_sha256``), preferring the one it names; None when it records none or none matches."""
-    want = getattr(gen.config, "tokenizer_sha256", "")
+    want = gen.config.tokenizer_sha256
     if not want:
         return None
     from models.hub import weights_sha256

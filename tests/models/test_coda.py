@@ -99,11 +99,14 @@ def test_decode_codes_equals_the_quantized_reconstruction_exactly(coda: CODA, im
 
 def test_code_structure() -> None:
     model = create_model("coda-taef2-64", lora_rank=0, codebook_size=16)
-    s = model.code_structure
+    cs = model.code_structure
+    assert cs.scales == (1, 2, 3, 4, 6, 8) and cs.offsets == (0, 1, 5, 14, 30, 66) and cs.axes == ("position",)
+    s = cs.as_dict()  # what /v1/models shows
     assert s["scales"] == [1, 2, 3, 4, 6, 8] and s["offsets"] == [0, 1, 5, 14, 30, 66]
     assert s["shape"] == [130] and 130 == s["offsets"][-1] + 64 and s["codebook_size"] == 16
     assert s["branches"] == 1 and s["dtype"] == "int64" and s["code_dim"] == 32
     assert s["latent_shape"] == [32, 8, 8] and model.kind == "discrete" and model.token_shape == (130,)
+    assert model.token_spec.kind == "discrete" and model.token_spec.code_structure == cs
 
 
 def test_published_mar_v16384_layout() -> None:

@@ -231,8 +231,8 @@ def test_codes_round_trip_exactly(tiny: ImageFolderModel, images: torch.Tensor) 
         assert 0 <= int(codes.min()) and int(codes.max()) < 64
         f_hat = tiny.quantize(images)
         assert f_hat.shape == (3, 16, 4, 4)
-        recon = tiny.decode(f_hat)
-        assert torch.equal(tiny.decode_codes(codes), recon)
+        recon = tiny.decode_fhat(f_hat)
+        assert torch.equal(tiny.decode(codes), recon)
         assert float(recon.abs().max()) <= 1.0
         # each branch is its own multi-scale quantizer on its channel group
         f = tiny.features(images)
@@ -305,7 +305,7 @@ def test_vq_and_single_branch_variants(overrides: dict, images: torch.Tensor) ->
     with torch.no_grad():
         codes = model.encode(images)
         assert codes.shape == (3, g, cfg.num_codes)
-        assert torch.equal(model.decode_codes(codes), model.decode(model.quantize(images)))
+        assert torch.equal(model.decode(codes), model.decode_fhat(model.quantize(images)))
         if len(cfg.scales) == 1:  # cosine VQ: f_hat holds normalised codebook rows, nearest by cosine
             f_hat, f, c = model.quantize(images), model.features(images), cfg.code_dim
             for b, q in enumerate(model.branch_quantizers):

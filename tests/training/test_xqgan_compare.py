@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from models.surface import CodeStructure
 from training.xqgan.compare import (
     PIPELINES,
     code_budget,
@@ -61,9 +62,9 @@ def test_token_counts_match_and_mismatch_is_caught():
 
 
 def test_usage_and_probe_on_known_inputs():
-    class Fake:
-        class code_structure:  # noqa: N801  (the SC layout: (B, G, L))
-            num_branches, codebook_size = 2, 4
+    class Fake:  # the SC layout: (B, G, L)
+        code_structure = CodeStructure(axes=("branch", "position"), shape=(2, 4), codebook_size=4, code_dim=1,
+                                       layout="per branch")
 
     codes = torch.tensor([[[0, 1, 1, -1], [2, 2, 2, 2]]])
     u = usage_stats(Fake(), codes)

@@ -135,9 +135,9 @@ def code_budget(cfg: XQGANTrainConfig) -> dict[str, Any]:
 def group_codes(model: nn.Module, codes: torch.Tensor) -> list[torch.Tensor]:
     """Per quantizer group, the flat codes: SC (B, G, L) groups on axis 1, V (B, L, Q, G) on the last."""
     cs = model.code_structure
-    if hasattr(cs, "num_branches"):
-        return [codes[:, g].reshape(-1) for g in range(cs.num_branches)]
-    return [codes[..., g].reshape(-1) for g in range(cs.num_groups)]
+    if cs.group_axis < 0:
+        return [codes.reshape(-1)]
+    return [codes.select(cs.group_axis, g).reshape(-1) for g in range(cs.groups)]
 
 
 @torch.no_grad()
