@@ -9,7 +9,7 @@ adapters on the VAE's convolutions (FORMATS.md 3.2-3.3).
       -> f_hat / latent_scale + latent_shift -> vae.decode_spatial          images  (B, 3, H, W) in [-1, 1]
 
 Codes layout (:attr:`CODA.code_structure`): the scales concatenated coarse to fine, each ``p x p`` block
-row-major; every code lies in ``[0, codebook_size)``. ``decode_codes(encode(x))`` is exactly the quantized
+row-major; every code lies in ``[0, codebook_size)``. ``decode(encode(x))`` is exactly the quantized
 reconstruction, since the quantizer emits ``to_v(codebook)[idx]`` (no straight-through arithmetic in eval).
 
 Two VAEs: ``taef2`` (:mod:`models.taef2`, 64 px -> 32 x 8 x 8, the shipped target, weights in

@@ -241,8 +241,8 @@ class DiscreteTokenizerSurface(TokenizerSurface):
         return self.code_structure.shape
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """The older name of :meth:`decode` (codes -> images), kept for callers."""
-        return self.decode(codes)
+        """The older name of :meth:`decode` (codes -> images), kept for older callers."""
+        return self.decode(codes)  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------------------------ generators

@@ -128,7 +128,7 @@ def var_samples(model: VAR, tokenizer: nn.Module, classes: list[int], per_class:
     reqs = [SampleRequest(class_id=c, seed=seed + i, steps=g.num_scales, cfg_scale=cfg_scale, sampler="var")
             for c in classes for i in range(per_class)]
     codes = run_to_completion(sampler, model, reqs, (g.num_branches, g.num_tokens)).long()
-    return to_uint8(tokenizer.decode_codes(codes))
+    return to_uint8(tokenizer.decode(codes))
 
 
 def train_var(cfg: VARTrainConfig) -> Path:

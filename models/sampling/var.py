@@ -27,7 +27,7 @@ still be needed). ``step(model, rows)`` advances every row by one scale:
   tokenizer's Phi convolutions; the next scale's input is f_hat area-downsampled
   (:meth:`models.imagefolder.ImageFolderModel.next_scale_input`).
 
-``result(row)`` gives the codes (G, L) for the tokenizer's ``decode_codes``.
+``result(row)`` gives the codes (G, L) for the tokenizer's ``decode``.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def test_taef2_inside_coda_loads_strictly_and_starts_as_taef2(images: torch.Tens
 
 
 @needs_taef2
-def test_decode_codes_equals_the_quantized_reconstruction_exactly(coda: CODA, images: torch.Tensor) -> None:
+def test_decode_equals_the_quantized_reconstruction_exactly(coda: CODA, images: torch.Tensor) -> None:
     with torch.no_grad():
         out = coda(images)
         codes = coda.encode(images)
@@ -83,16 +83,16 @@ def test_decode_codes_equals_the_quantized_reconstruction_exactly(coda: CODA, im
         assert torch.equal(codes, out.codes)
         assert 0 <= int(codes.min()) and int(codes.max()) < coda.codebook_size
         assert torch.equal(coda.codes_to_latents(codes), out.quantizer.quantized)
-        rec = coda.decode_codes(codes)
+        rec = coda.decode(codes)
         assert torch.equal(rec, out.reconstruction) and torch.equal(coda.decode(codes), rec)
         assert rec.shape == (2, 3, 64, 64) and rec.min() >= -1 and rec.max() <= 1
         # the coarsest scale alone is a (B, 1) block: its code is the first one of each row
         first = coda.quantizer.split_indices(codes)[0]
         assert torch.equal(first, codes[:, :1])
     with pytest.raises(ValueError):
-        coda.decode_codes(torch.full((1, 130), coda.codebook_size))
+        coda.decode(torch.full((1, 130), coda.codebook_size))
     with pytest.raises(ValueError):
-        coda.decode_codes(torch.zeros(1, 129, dtype=torch.long))
+        coda.decode(torch.zeros(1, 129, dtype=torch.long))
     with pytest.raises(ValueError):
         coda.encode(torch.zeros(1, 3, 32, 32))
 
@@ -175,7 +175,7 @@ def test_save_load_round_trip_carries_the_taef2_weights(coda: CODA, images: torc
     with torch.no_grad():
         codes = coda.encode(images)
         assert torch.equal(loaded.encode(images), codes)
-        assert torch.equal(loaded.decode_codes(codes), coda.decode_codes(codes))
+        assert torch.equal(loaded.decode(codes), coda.decode(codes))
 
 
 @needs_taef2
@@ -190,7 +190,7 @@ def test_merged_copy_matches_and_has_the_plain_layout(coda: CODA, images: torch.
         codes = coda.encode(images)
         f_hat = coda.codes_to_latents(codes)
         assert (coda.decode_latents(f_hat) - taef2.decode_spatial(f_hat)).abs().max() > 1e-3
-        torch.testing.assert_close(merged.decode_codes(codes), coda.decode_codes(codes), rtol=0, atol=1e-4)
+        torch.testing.assert_close(merged.decode(codes), coda.decode(codes), rtol=0, atol=1e-4)
 
 
 def test_gradients_reach_lora_and_quantizer_only() -> None:

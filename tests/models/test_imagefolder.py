@@ -284,9 +284,9 @@ def test_dropped_scales_decode_as_zero(tiny: ImageFolderModel, images: torch.Ten
         ref = q.indices_to_codes(kept)
         torch.testing.assert_close(tiny.codes_to_fhat(partial)[:, :8], ref)
         with pytest.raises(ValueError, match="codes must lie"):
-            tiny.decode_codes(codes + 64)
+            tiny.decode(codes + 64)
         with pytest.raises(ValueError, match="expected codes"):
-            tiny.decode_codes(codes[:, :, :29])
+            tiny.decode(codes[:, :, :29])
         with pytest.raises(ValueError, match="expected images"):
             tiny.encode(images[:, :, :32])
 

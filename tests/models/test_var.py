@@ -142,7 +142,7 @@ def test_sampling_gives_valid_codes_that_decode(pair: tuple[ImageFolderModel, VA
     assert int(codes.min()) >= 0 and int(codes.max()) < 64
     assert len({tuple(c.flatten().tolist()) for c in codes}) == 3
     with torch.no_grad():
-        images = tok.decode_codes(codes)
+        images = tok.decode(codes)
     assert images.shape == (3, 3, 64, 64) and float(images.abs().max()) <= 1.0
     # the f_hat a row built step by step is the tokenizer's f_hat of its codes
     row = sampler.init_row(_req(4, 3), (2, 30))

@@ -113,7 +113,7 @@ def test_llamagen_file_with_usage_buffers_loads() -> None:
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         assert torch.equal(dst.encode(x), src.encode(x))
-        torch.testing.assert_close(dst.decode_codes(dst.encode(x)), src.decode_codes(src.encode(x)))
+        torch.testing.assert_close(dst.decode(dst.encode(x)), src.decode(src.encode(x)))
     del sd["decoder.conv_out.weight"]
     with pytest.raises(CheckpointError, match="decoder.conv_out.weight"):
         load_into(dst, sd)
@@ -154,8 +154,8 @@ def test_codes_round_trip(name: str) -> None:
         torch.testing.assert_close(model.codes_to_fhat(codes), enc.quantized, atol=1e-5, rtol=0)
         torch.testing.assert_close(model.decode(codes), model.decode_fhat(enc.quantized), atol=1e-4, rtol=0)
         rec = model(x).reconstruction
-        assert float(model.decode_codes(codes).abs().max()) <= 1.0
-        torch.testing.assert_close(model.decode_codes(codes), rec.clamp(-1, 1), atol=1e-4, rtol=0)
+        assert float(model.decode(codes).abs().max()) <= 1.0
+        torch.testing.assert_close(model.decode(codes), rec.clamp(-1, 1), atol=1e-4, rtol=0)
     # groups are concatenated along channels: group g's codes decode to channels [g * d/P, (g + 1) * d/P)
     if cfg.num_groups > 1:
         only = codes.clone()
@@ -171,10 +171,10 @@ def test_bad_codes_are_refused() -> None:
     model = small(**CASES["product_of_residual_lfq"]).eval()
     codes = torch.zeros(1, *model.code_shape, dtype=torch.long)
     with pytest.raises(ValueError, match="expected codes"):
-        model.decode_codes(codes[:, :-1])
+        model.decode(codes[:, :-1])
     codes[0, 0, 0, 0] = model.config.vocab_size
     with pytest.raises(ValueError, match="must lie in"):
-        model.decode_codes(codes)
+        model.decode(codes)
 
 
 def test_positions_are_row_major_grid() -> None:
@@ -258,4 +258,4 @@ def test_serving_folder_round_trip(tmp_path) -> None:
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded.encode(x), model.encode(x))
-        torch.testing.assert_close(loaded.decode_codes(model.encode(x)), model.decode_codes(model.encode(x)))
+        torch.testing.assert_close(loaded.decode(model.encode(x)), model.decode(model.encode(x)))

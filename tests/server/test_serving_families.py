@@ -78,7 +78,7 @@ def test_encode_codes_then_decode_reproduces_the_reconstruction(server: ThreadSe
     # decode (JSON codes, .npy codes) == the tokenizer's own decode of those codes, clamped
     module = server.state.engine.runtimes[tok].module
     with torch.inference_mode():
-        expected = module.decode_codes(torch.from_numpy(codes)).clamp(-1, 1).numpy()
+        expected = module.decode(torch.from_numpy(codes)).clamp(-1, 1).numpy()
     del body["model"]
     via_json = _npy(httpx.post(f"{server.url}/v1/decode?model={tok}&format=npy", json=body))
     buf = io.BytesIO()
@@ -242,5 +242,5 @@ def test_a_trained_v_pipeline_tokenizer_serves_codes(tmp_path) -> None:
         images = _npy(httpx.post(f"{s.url}/v1/decode?format=npy", content=r.content,
                                  headers={"content-type": "application/x-npy"}))
     with torch.inference_mode():
-        expected = tok.decode_codes(torch.from_numpy(codes)).clamp(-1, 1).numpy()
+        expected = tok.decode(torch.from_numpy(codes)).clamp(-1, 1).numpy()
     np.testing.assert_allclose(images, expected, atol=1e-5)

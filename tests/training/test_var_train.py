@@ -1,7 +1,7 @@
 """VAR training end to end on real images (CPU, tiny configs): an ImageFolder tokenizer is trained a few steps
 with the XQ-GAN SC pipeline, then ``python -m training var`` encodes real images into its multi-scale codes,
 learns, resumes exactly and exports a folder that samples through VARSampler and evaluates with
-``eval-generator`` (which now also handles MaskGIT and VAR, decoding their codes with ``decode_codes``)."""
+``eval-generator`` (which now also handles MaskGIT and VAR, decoding their codes with the tokenizer's ``decode``)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_var_learns_and_exports_a_servable_generator(runs) -> None:
     codes = run_to_completion(sampler, gen, reqs, shape).long()
     assert codes.shape == (2, 2, 30) and int(codes.min()) >= 0 and int(codes.max()) < 64
     with torch.no_grad():
-        x = tok.decode_codes(codes)
+        x = tok.decode(codes)
     assert x.shape == (2, 3, 64, 64) and torch.isfinite(x).all()
 
 

@@ -96,7 +96,7 @@ def test_v_pipeline_loss_falls_on_real_images() -> None:
         codes = model.encode(x_all[:4])
         assert codes.shape == (4, 256, 2, 2)
         torch.testing.assert_close(
-            model.decode_codes(codes), model.decode_fhat(model.encode_full(x_all[:4]).quantized), atol=1e-4, rtol=0
+            model.decode(codes), model.decode_fhat(model.encode_full(x_all[:4]).quantized), atol=1e-4, rtol=0
         )
 
 

@@ -18,7 +18,7 @@ CPU minutes. The budget is ``--minutes`` of this process's CPU time per run (``r
 the cosine schedule spans the budget) or a fixed ``--steps``.
 
 Each exported tokenizer is then evaluated by :func:`training.evaluate.eval_tokenizer` on the first ``--n``
-validation images, round-tripping through its integer codes (``decode_codes(encode(x))``): PSNR, SSIM,
+validation images, round-tripping through its integer codes (``decode(encode(x))``): PSNR, SSIM,
 LPIPS-VGG (rFID with ``--fid``). Beside it: codebook **usage** (the fraction of each group's 64 entries that
 occur in the codes of those images) and the **perplexity** of each group's code histogram (of 64; both
 averaged over the groups), and a semantic **probe** of the aligned group: the

@@ -105,7 +105,7 @@ def train_xqgan(cfg: XQGANTrainConfig) -> Path:
     def on_sample(step: int) -> None:
         m = trainer.export_model.eval()
         with torch.no_grad():
-            rec = to_uint8(m.decode_codes(m.encode(to_float(val.images.to(device)))))
+            rec = to_uint8(m.decode(m.encode(to_float(val.images.to(device)))))
         save_grid(
             torch.cat([val.images, rec.cpu()]),
             trainer.out / "samples" / f"recon_{step:06d}.png",
