@@ -302,12 +302,16 @@ NAMED: dict[str, tuple[SoftVQTAEF2Config, str]] = {
         "64px, frozen TAEF2 stem, 32x64 tokens (2,048 floats), width 192 / depth 2+3, 4x1024 codes",
     ),
     "softvq-taef2-32x64-skip": (
-        SoftVQTAEF2Config(num_tokens=32, token_dim=64, width=192, enc_depth=2, dec_depth=3, heads=3, pair_skip=True),
-        "softvq-taef2-32x64 plus the linear pair path (token i <-> grid positions 2i, 2i+1) beside the ViTs",
+        SoftVQTAEF2Config(num_tokens=32, token_dim=64, width=192, enc_depth=2, dec_depth=3, heads=3, pair_skip=True,
+                          quantizer="residual", num_levels=2),
+        "softvq-taef2-32x64 plus the linear pair path (token i <-> grid positions 2i, 2i+1) beside the ViTs, "
+        "2-level residual soft quantizer",
     ),
     "softvq-taef2-32-skip": (
-        SoftVQTAEF2Config(num_tokens=32, token_dim=32, width=192, enc_depth=2, dec_depth=3, heads=3, pair_skip=True),
-        "softvq-taef2-32 plus the linear pair path (token i <-> grid positions 2i, 2i+1) beside the ViTs",
+        SoftVQTAEF2Config(num_tokens=32, token_dim=32, width=192, enc_depth=2, dec_depth=3, heads=3, pair_skip=True,
+                          quantizer="residual", num_levels=2),
+        "softvq-taef2-32 plus the linear pair path (token i <-> grid positions 2i, 2i+1) beside the ViTs, "
+        "2-level residual soft quantizer",
     ),
 }
 

@@ -11,6 +11,14 @@ Measured in session 5 (1 thread each, two variants at a time on the 2-core VM; h
 100 / 200 / 300): base 0.806 / 0.744 / 0.633; bypass 0.753 / 0.666 / 0.537; soft_tau02 0.801 / 0.746 / 0.673;
 wide 0.801 / 0.721 / 0.623 (1.4x the step time). The soft quantizer costs the most; a softer tau does not
 help; width helps a little per step but not per CPU second. Early steps only: confirm over ~1,000 steps.
+
+Session 6 added a linear pair path beside the ViTs (``pairskip``: grid positions 2i, 2i+1 -> token i -> back,
+``SoftVQTAEF2Config.pair_skip``), alone and with a 2-level residual soft quantizer (``pairskip_res2``), plus
+``pairskip_tau02``, ``product16`` and ``residual3`` (not run to a result). Same seed and data, rel. MSE at step
+100 / 200 / 300 / 400: pairskip 0.672 / 0.339 / 0.227 / 0.156 (the main run of the base model needed 4,500
+steps of batch 64 on the full training cache for 0.206); pairskip_res2 0.576 / 0.263 (stopped there). The
+ViTs alone were slow to learn to route each grid position through the latent tokens; the linear path gives
+them that from the start. softvq-taef2-32x64-skip = pair path + 2-level residual soft quantizer.
 """
 
 from __future__ import annotations
