@@ -240,10 +240,6 @@ class DiscreteTokenizerSurface(TokenizerSurface):
         """One image's codes (int64)."""
         return self.code_structure.shape
 
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """The older name of :meth:`decode` (codes -> images), kept for older callers."""
-        return self.decode(codes)  # type: ignore[attr-defined]
-
 
 # ------------------------------------------------------------------------------------------------ generators
 

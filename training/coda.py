@@ -262,7 +262,7 @@ def train_coda(cfg: CODATrainConfig) -> Path:
             print("eval " + json.dumps(res), flush=True)
         with torch.no_grad():
             m.eval()
-            rec = to_uint8(m.decode_codes(m.encode(to_float(val.images[:8]).to(device))))
+            rec = to_uint8(m.decode(m.encode(to_float(val.images[:8]).to(device))))
         save_grid(torch.cat([val.images[:8], rec.cpu()]), trainer.out / "samples" / f"recon_{step:06d}.png", nrow=8,
                   scale=2)
         plot_losses(trainer.out / "metrics.jsonl", trainer.out / "loss.png")

@@ -95,7 +95,7 @@ def maskgit_samples(model: nn.Module, tokenizer: CODA, classes: list[int], per_c
     reqs = [SampleRequest(class_id=c, seed=seed + i, steps=steps, cfg_scale=cfg_scale, sampler="maskgit")
             for c in classes for i in range(per_class)]
     codes = run_to_completion(sampler, model, reqs, (model.config.num_tokens,)).long()
-    return to_uint8(tokenizer.decode_codes(codes))
+    return to_uint8(tokenizer.decode(codes))
 
 
 def train_maskgit(cfg: MaskGITTrainConfig) -> Path:

@@ -87,7 +87,7 @@ def test_coda_learns_logs_usage_and_exports(runs) -> None:
         codes = tok.encode(x)
         assert codes.shape == (4, 130) and codes.dtype == torch.int64 and int(codes.max()) < 64
         q = tok.quantize(tok.encode_latents(x))
-        torch.testing.assert_close(tok.decode_codes(codes), tok.decode_latents(q.quantized), rtol=0, atol=0)
+        torch.testing.assert_close(tok.decode(codes), tok.decode_latents(q.quantized), rtol=0, atol=0)
         assert torch.equal(q.indices, codes)
 
 
@@ -129,7 +129,7 @@ def test_maskgit_trains_on_cached_codes_and_exports(runs) -> None:
     codes = run_to_completion(sampler, gen, reqs, (g.num_tokens,)).long()
     assert codes.shape == (2, 130) and int(codes.min()) >= 0 and int(codes.max()) < 64
     with torch.no_grad():
-        x = tok.decode_codes(codes)
+        x = tok.decode(codes)
     assert x.shape == (2, 3, 64, 64) and torch.isfinite(x).all()
 
 

@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": {"codes_per_image": codes, "bits_per_image": bits, "quantizer": QUANTIZER,
                    "matched": "integer codes per image and codebook size (so bits per image too)"},
         "eval": {"data": args.val, "n": len(val), "fid": args.fid, "probe_images": len(gallery) if gallery else 0,
-                 "round_trip": "decode_codes(encode(x))"},
+                 "round_trip": "decode(encode(x))"},
         "rows": [],
     }
     for p, a, cfg, budget in plan:
