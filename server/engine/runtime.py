@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from models.latent_norm import denormalize_latents
 from server.engine.specs import ModelSpec
 from server.settings import Settings
 
@@ -150,7 +151,8 @@ class TokenizerRuntime(Runtime):
             return latents.long()
         ts = self.spec.token_spec
         assert ts is not None
-        return (latents.double() * ts.latent_std + ts.latent_mean).float()
+        # the one normalisation training, evaluation and export use (models.latent_norm), in float32 as there
+        return denormalize_latents(latents.float(), ts.latent_mean, ts.latent_std)
 
 
 class _InferenceModule:

@@ -89,3 +89,19 @@ def test_latent_normalisation_is_shared():
     c = tok.config
     assert torch.equal(tok.normalize_latents(z), normalize_latents(z, c.vq_mean, c.vq_std))
     assert torch.equal(tok.denormalize_latents(z), denormalize_latents(z, c.vq_mean, c.vq_std))
+
+
+def test_serving_denormalises_generator_latents_as_evaluation_does():
+    """The server's tokenizer runtime turns sampler output (float64 on the CPU) into tokens with the same
+    function and dtype as ``training.evaluate`` (``tokenizer.denormalize_latents(res.float())``): bit-equal."""
+    from server.engine.runtime import build_runtimes
+    from server.engine.specs import resolve_models
+    from server.settings import Settings
+
+    folder = "weights/default/tokenizer"
+    spec = resolve_models([folder]).tokenizer(None)
+    runtime = build_runtimes([spec], Settings())[spec.name]
+    tok = models.load_pretrained(folder)
+    x = torch.randn(3, *tok.token_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1.7
+    assert tok.config.vq_std != 1.0 or tok.config.vq_mean != 0.0
+    assert torch.equal(runtime.denormalize(x), tok.denormalize_latents(x.float()))
