@@ -10,6 +10,13 @@
          keep the 64 grid outputs, LayerNorm, linear to 32 channels      grid (B, 64, 32)
       -> / latent_scale + latent_shift -> frozen TAEF2 decoder            images (B, 3, 64, 64) in [-1, 1]
 
+With ``pair_skip`` (the ``-skip`` configs) a linear path runs beside the two ViTs: grid positions 2i, 2i+1
+(raster order: two horizontally adjacent cells) -> a linear map added to token i's pre-quantizer features, and
+token i -> a linear map added to the decoder's output at those two positions. Each token then has a home
+region of the grid (as the token alignment's resampled feature positions already suggest); the ViTs still
+see every position and token and model what the linear path misses. In issue #16's A/B it learned the grid
+about ten times faster per step (``training.experiments.bottleneck_ab``).
+
 The convolutional stem (TAEF2, MIT, madebyollin/taesd) does the pixel work; the transformer halves turn its
 2-D grid into L 1-D tokens and back, the idea CODA applies to discrete codes. Training
 (``python -m training softvq-taef2``) regresses the latent grid (cheap: no pixels) from cached TAEF2 latents.
