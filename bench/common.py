@@ -94,6 +94,13 @@ def _git_commit() -> str | None:
         return None
 
 
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Device name, torch / CUDA versions, date (UTC), host and commit of a run."""
     env: dict[str, Any] = {
@@ -104,6 +111,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "host": platform.node(),
         "commit": _git_commit(),
         "device_type": device.type,
+        "load_average": _load_average(),  # 1, 5, 15 min: how busy the machine was (CPU figures depend on it)
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

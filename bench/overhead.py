@@ -204,7 +204,6 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     async with EngineHarness(entries, device="cpu", max_batch_size=biggest, torch_threads=args.threads,
                              queue_capacity=max(256, biggest)) as h:
         record["env"] = environment(torch.device("cpu"))
-        record["env"]["load_average"] = _loadavg()
         print(f"# overhead bench on {record['env']['device']} | torch {record['env']['torch']} | "
               f"load average {record['env']['load_average']}", flush=True)
         tok = next(n for n, s in h.engine.models.specs.items() if s.kind == "tokenizer")
@@ -217,15 +216,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             record["profile"] = {g: await profile_generation(h, g, args) for g in gens}
         record["rows"] = rows
         record["goal"] = goal(rows, gens[-1])
-        record["env"]["load_average_end"] = _loadavg()
+        record["env"]["load_average_end"] = environment(torch.device("cpu"))["load_average"]
     return record
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in __import__("os").getloadavg()]
-    except OSError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
