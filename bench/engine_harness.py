@@ -9,7 +9,10 @@ probes watch it without changing what it runs:
   between reports are the loop's period per step (queue take, cancellation checks, the hop to the device
   thread, the scheduler's step, the sampler, the runtime, progress reporting);
 * forward hooks on each served module record the time spent inside the model's ``forward`` (on the CPU this
-  is the model's own compute; on CUDA it is only the launch time, so GPU benchmarks use wall-clock rates).
+  is the model's own compute; on CUDA it is only the launch time, so GPU benchmarks use wall-clock rates);
+* the engine's own step timer (the scheduler's timing of each sampler step, which the loop observes into
+  ``tokserve_denoise_step_seconds``) is copied as it is observed; it splits a period into the sampler's step (guidance packing, sampler arithmetic, runtime, forward) and
+  the loop around it (queue, asyncio, the device-thread hop, progress reports).
 
     async with EngineHarness(["weights/default/tokenizer", "sit-tiny-64x32"], device="cpu") as h:
         run = await h.generate("sit-tiny-64x32", rows=8, steps=6)
@@ -58,6 +61,7 @@ class GenerateRun:
     periods_s: list[float]
     forward_s: list[float]
     model_rows: list[int] = field(default_factory=list)
+    sampler_step_s: list[float] = field(default_factory=list)  # the scheduler's timer, the same steps
     together: bool = True  # every job joined at the first step (one progress report per step)
 
 
@@ -73,7 +77,9 @@ class EngineHarness:
         self.forward_s: dict[str, list[float]] = {}
         self.forward_rows: dict[str, list[int]] = {}
         self.engine: Any = None
+        self.metrics: Any = None
         self._hooks: list[Any] = []
+        self.step_s: dict[tuple[str, ...], list[float]] = {}  # (model, sampler) -> every observed step time
 
     async def __aenter__(self) -> EngineHarness:
         from server.engine.engine import Engine
@@ -83,7 +89,9 @@ class EngineHarness:
         s = self.settings
         models = resolve_models(s.models, s.default_tokenizer, s.default_generator)
         await self.queue.open()
-        self.engine = Engine(s, models, self.queue, Metrics())
+        self.metrics = Metrics()
+        self.metrics.step_seconds = _Copied(self.metrics.step_seconds, self.step_s)
+        self.engine = Engine(s, models, self.queue, self.metrics)
         await self.engine.start()
         for name, rt in self.engine.runtimes.items():
             self._hook(name, rt.module)
@@ -141,6 +149,8 @@ class EngineHarness:
         self.queue.reports[kind] = []
         fwd, fwd_rows = self.forward_s[model], self.forward_rows[model]
         n0 = len(fwd)
+        timer = self.step_s.setdefault((model, sampler), [])
+        k0 = len(timer)
         t0 = time.perf_counter()
         await self._submit_all(jobs)
         wall = time.perf_counter() - t0
@@ -151,4 +161,26 @@ class EngineHarness:
         one_per_step = len(fwd) - n0 == steps  # SDE / Euler: one (guided) forward per step
         kept = fwd[n0:][2:2 + len(periods)] if one_per_step else []
         kept_rows = fwd_rows[n0:][2:2 + len(periods)] if one_per_step else []
-        return GenerateRun(rows, steps, wall, periods, kept, kept_rows, together=len(reports) == steps)
+        timed = timer[k0:][2:2 + len(periods)]  # step k's time is observed with report k
+        return GenerateRun(rows, steps, wall, periods, kept, kept_rows, timed, together=len(reports) == steps)
+
+
+class _Copied:
+    """A labelled histogram whose observations are also appended to ``sink[labels]``."""
+
+    def __init__(self, histogram: Any, sink: dict[tuple[str, ...], list[float]]) -> None:
+        self._histogram = histogram
+        self._sink = sink
+
+    def labels(self, *labels: str) -> Any:
+        child, seen = self._histogram.labels(*labels), self._sink.setdefault(tuple(labels), [])
+
+        class _Child:
+            def observe(self, value: float) -> None:
+                seen.append(value)
+                child.observe(value)
+
+        return _Child()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._histogram, name)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -34,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, nargs=2, default=(0.0, 0.7), metavar=("LOW", "HIGH"))
     p.add_argument("--dtypes", type=str_list, default=None,
                    help="TOKSERVE_DTYPE values for the engine part (default bfloat16,float32; float32 on the CPU)")
-    p.add_argument("--http-dtype", default=None, help="TOKSERVE_DTYPE of the HTTP server (default: the first --dtypes)")
+    p.add_argument("--http-dtype", default=None,
+                   help="TOKSERVE_DTYPE of the tokenizer part and the HTTP server (default: the first --dtypes "
+                        "that ran in the engine part)")
     p.add_argument("--parts", type=str_list, default=["peak", "engine", "tokenizer", "http"],
                    help="which of peak, engine, tokenizer, http")
     p.add_argument("--work", type=Path, default=Path("/tmp/tokserve-gpu-plan"), help="where the folders go")
@@ -166,50 +169,54 @@ def make_folders(args: argparse.Namespace, device: torch.device) -> tuple[Path, 
     return out[0], out[1]
 
 
-def _sweep(part: str, batches: list[int], budget: Budget, rec: Record, run: Callable[[int], dict[str, Any]],
-           **labels: Any) -> None:
-    """Run ``run(batch)`` over ``batches`` in order while each fits the part's cap."""
-    prev: tuple[int, float] | None = None
-    for b in batches:
-        if not budget.fits(estimate(prev, b)):
-            rec.add({"part": part, **labels, "batch": b, "skipped": "budget"})
-            continue
-        row = run(b)
-        rec.add({"part": part, **labels, "batch": b, **row})
-        prev = (b, row["seconds"])
-
-
 async def engine_part(args: argparse.Namespace, folders: tuple[Path, Path], device: torch.device, budget: Budget,
-                      rec: Record, peak: float | None) -> None:
-    tok, gen = folders
-    flops = None
-    budget.begin("engine")  # every dtype shares the part's cap, the first one first
+                      rec: Record, peak: float | None) -> list[str]:
+    """Every ``--dtypes`` in turn (sharing the part's cap); returns those that ran without error."""
+    ok = []
+    budget.begin("engine")
     for dtype in args.dtypes:
         if budget.left() < MIN_LOAD_S * (0.1 if args.small else 1.0):
             rec.part(f"engine-{dtype}", skipped="budget (no time left to load the models)")
             continue
-        t0 = time.monotonic()
-        async with EngineHarness([str(tok), str(gen)], device=str(device), dtype=dtype,
-                                 max_batch_size=max(args.batches), queue_capacity=max(256, max(args.batches))) as h:
-            rec.part(f"engine-{dtype}", load_and_warmup_s=time.monotonic() - t0)
-            name = next(n for n, s in h.engine.models.specs.items() if s.kind == "generator")
-            spec = h.engine.models.specs[name]
-            tspec = h.engine.models.specs[spec.tokenizer]
-            flops = generation_flops(spec.config, tspec.config, "sde", args.steps, args.cfg_scale, *args.guidance)
-
-            async def one(b: int) -> dict[str, Any]:
-                r = await h.generate(name, b, args.steps, cfg_scale=args.cfg_scale, guidance=tuple(args.guidance),
-                                     path_type=spec.defaults.get("path_type", "linear"))
-                ips = b / r.wall_s
-                return {"seconds": r.wall_s, "img_per_s": ips, "mfu": _mfu(flops.total, ips, peak),
-                        "step_ms_median": 1e3 * sorted(r.periods_s)[len(r.periods_s) // 2] if r.periods_s else None,
-                        "steps": args.steps, "model_rows_per_img": flops.rows, "tflop_per_img": flops.total / 1e12}
-
-            await h.generate(name, 1, 3)  # first call at this path: allocator, cuBLAS handles
-            await _async_sweep("engine", args.batches, budget, rec, one, op="generate", dtype=dtype)
+        try:
+            await _engine_dtype(args, folders, device, dtype, budget, rec, peak)
+            ok.append(dtype)
+        except Exception as e:  # one dtype failing (e.g. bf16 on some kernel) must not stop the next
+            rec.part(f"engine-{dtype}-error", error=f"{type(e).__name__}: {e}")
+            print(f"  engine {dtype} failed: {type(e).__name__}: {e}", flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return ok
 
 
-async def _async_sweep(part: str, batches: list[int], budget: Budget, rec: Record, run: Any, **labels: Any) -> None:
+async def _engine_dtype(args: argparse.Namespace, folders: tuple[Path, Path], device: torch.device, dtype: str,
+                        budget: Budget, rec: Record, peak: float | None) -> None:
+    tok, gen = folders
+    t0 = time.monotonic()
+    async with EngineHarness([str(tok), str(gen)], device=str(device), dtype=dtype,
+                             max_batch_size=max(args.batches), queue_capacity=max(256, max(args.batches))) as h:
+        rec.part(f"engine-{dtype}", load_and_warmup_s=time.monotonic() - t0)
+        name = next(n for n, s in h.engine.models.specs.items() if s.kind == "generator")
+        spec = h.engine.models.specs[name]
+        tspec = h.engine.models.specs[spec.tokenizer]
+        flops = generation_flops(spec.config, tspec.config, "sde", args.steps, args.cfg_scale, *args.guidance)
+
+        async def one(b: int) -> dict[str, Any]:
+            r = await h.generate(name, b, args.steps, cfg_scale=args.cfg_scale, guidance=tuple(args.guidance),
+                                 path_type=spec.defaults.get("path_type", "linear"))
+            ips = b / r.wall_s
+            return {"seconds": r.wall_s, "img_per_s": ips, "mfu": _mfu(flops.total, ips, peak),
+                    "step_ms_median": 1e3 * sorted(r.periods_s)[len(r.periods_s) // 2] if r.periods_s else None,
+                    "steps": args.steps, "model_rows_per_img": flops.rows, "tflop_per_img": flops.total / 1e12}
+
+        await h.generate(name, 1, 3)  # first call at this path: allocator, cuBLAS handles
+        await _sweep("engine", args.batches, budget, rec, one, op="generate", dtype=dtype)
+
+
+async def _sweep(part: str, batches: list[int], budget: Budget, rec: Record,
+                 run: Callable[[int], Awaitable[dict[str, Any]]], **labels: Any) -> None:
+    """Run ``run(batch)`` over ``batches`` in order while each fits the part's cap (estimated from the last)."""
     prev: tuple[int, float] | None = None
     for b in batches:
         if not budget.fits(estimate(prev, b)):
@@ -223,7 +230,7 @@ async def _async_sweep(part: str, batches: list[int], budget: Budget, rec: Recor
 async def tokenizer_part(args: argparse.Namespace, folders: tuple[Path, Path], device: torch.device, budget: Budget,
                          rec: Record, peak: float | None) -> None:
     tok, _ = folders
-    dtype = args.dtypes[0]
+    dtype = args.http_dtype
     async with EngineHarness([str(tok)], device=str(device), dtype=dtype, max_batch_size=max(args.tok_batches),
                              queue_capacity=max(256, max(args.tok_batches))) as h:
         name = next(iter(h.engine.models.specs))
@@ -252,7 +259,7 @@ async def tokenizer_part(args: argparse.Namespace, folders: tuple[Path, Path], d
 
             if op == "encode":  # encode and decode share the part's cap
                 budget.begin("tokenizer")
-            await _async_sweep("tokenizer", args.tok_batches, budget, rec, one, op=op, dtype=dtype)
+            await _sweep("tokenizer", args.tok_batches, budget, rec, one, op=op, dtype=dtype)
 
 
 def _free_port() -> int:
@@ -268,7 +275,7 @@ def http_part(args: argparse.Namespace, folders: tuple[Path, Path], device: torc
 
     tok, gen = folders
     port = args.port or _free_port()
-    dtype = args.http_dtype or args.dtypes[0]
+    dtype = args.http_dtype
     biggest = max(args.batches)
     env = {**os.environ, "TOKSERVE_MODELS": f"{tok},{gen}", "TOKSERVE_DEVICE": str(device),
            "TOKSERVE_DTYPE": dtype, "TOKSERVE_MAX_BATCH_SIZE": str(biggest),
@@ -288,7 +295,6 @@ def http_part(args: argparse.Namespace, folders: tuple[Path, Path], device: torc
         with httpx.Client(base_url=base, timeout=None) as c:
             models = c.get("/v1/models").json()
         gen_name = next(m["name"] for m in _model_list(models) if m.get("kind") == "generator")
-        tok_name = next(m["name"] for m in _model_list(models) if m.get("kind") == "tokenizer")
         from models.hub import read_config
 
         flops = generation_flops(read_config(gen)[1], read_config(tok)[1], "sde", args.steps, args.cfg_scale,
@@ -297,13 +303,13 @@ def http_part(args: argparse.Namespace, folders: tuple[Path, Path], device: torc
                 "guidance_interval": list(args.guidance), "sampler": "sde", "format": "png"}
         asyncio.run(_http_generate(base, body, 1, 3))  # warm-up
 
-        def one(b: int) -> dict[str, Any]:
-            wall, statuses = asyncio.run(_http_generate(base, body, b, args.steps))
+        async def one(b: int) -> dict[str, Any]:
+            wall, statuses = await _http_generate(base, body, b, args.steps)
             ips = b / wall
             return {"seconds": wall, "img_per_s": ips, "mfu": _mfu(flops.total, ips, peak), "statuses": statuses,
                     "steps": args.steps, "tflop_per_img": flops.total / 1e12}
 
-        _sweep("http", args.batches, budget, rec, one, op="generate", dtype=dtype)
+        asyncio.run(_sweep("http", args.batches, budget, rec, one, op="generate", dtype=dtype))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -376,15 +382,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     folders = make_folders(args, device)
     rec.part("folders", seconds=time.monotonic() - t0, tokenizer=str(folders[0]), generator=str(folders[1]))
-    for part, fn in (("engine", engine_part), ("tokenizer", tokenizer_part)):
-        if part in args.parts:
-            try:
-                asyncio.run(fn(args, folders, device, budget, rec, peak))
-            except Exception as e:  # a failed part must not lose the others
-                rec.part(f"{part}-error", error=f"{type(e).__name__}: {e}")
-                print(f"  {part} failed: {type(e).__name__}: {e}", flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    ran = asyncio.run(engine_part(args, folders, device, budget, rec, peak)) if "engine" in args.parts else []
+    args.http_dtype = args.http_dtype or (ran or args.dtypes)[0]  # the server gets a dtype that worked in process
+    if "tokenizer" in args.parts:
+        try:
+            asyncio.run(tokenizer_part(args, folders, device, budget, rec, peak))
+        except Exception as e:  # a failed part must not lose the others
+            rec.part("tokenizer-error", error=f"{type(e).__name__}: {e}")
+            print(f"  tokenizer failed: {type(e).__name__}: {e}", flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if "http" in args.parts:
         budget.begin("http")
         try:

@@ -10,7 +10,10 @@ Generation runs through :class:`bench.engine_harness.EngineHarness`: the server'
 time inside the SiT's ``forward`` during that step (forward hooks); **overhead per step = period - forward**,
 everything the server does around the model (queue, asyncio, the device-thread hop, scheduler, sampler,
 guidance packing, runtime copies, progress). Guidance is on for every step by default (cfg 1.75 on [0, 1]),
-so a batch of B rows is a forward of 2B model rows. The bare forward (the module alone, same rows, timed
+so a batch of B rows is a forward of 2B model rows. The overhead is split with the engine's own step timer
+(``tokserve_denoise_step_seconds``) into the loop around the step (queue, asyncio, device-thread hop,
+reports) and the sampler / runtime work inside it (row stacking, per-row noise, guidance packing, the SDE
+drift in float64, runtime copies). The bare forward (the module alone, same rows, timed
 apart) is printed beside it as a check of the in-loop figure.
 
 Encode / decode: ``B`` one-image jobs submitted at once through the engine's ``BatchLoop`` (queue, batcher,
@@ -105,23 +108,30 @@ async def measure_generation(h: EngineHarness, name: str, args: argparse.Namespa
     rows = []
     for b in args.batches:
         await h.generate(name, b, 4, cfg_scale=args.cfg_scale, guidance=(0.0, args.guidance_high))  # warm-up
-        periods, forwards, model_rows = [], [], []
+        periods, forwards, model_rows, sampler_steps = [], [], [], []
         for r in range(args.repeats):
             run = await h.generate(name, b, args.steps, cfg_scale=args.cfg_scale,
                                    guidance=(0.0, args.guidance_high), seed=1000 * r)
-            if not run.together or len(run.forward_s) != len(run.periods_s):
+            if not run.together or not len(run.forward_s) == len(run.sampler_step_s) == len(run.periods_s):
                 raise RuntimeError(f"{name} batch {b}: the jobs did not step together; cannot attribute steps")
             periods += run.periods_s
             forwards += run.forward_s
             model_rows += run.model_rows
+            sampler_steps += run.sampler_step_s
         over = [p - f for p, f in zip(periods, forwards, strict=True)]
+        loop_over = [p - s for p, s in zip(periods, sampler_steps, strict=True)]
         mrows = int(_median([float(m) for m in model_rows]))
         bare = await bare_forward_ms(h, name, mrows, max(3, args.repeats))
         step_ms = 1e3 * _median(periods)
         over_us = 1e6 * _median(over)
+        forward_ms = 1e3 * _median(forwards)
+        loop_us = 1e6 * _median(loop_over)
         rows.append({"part": "generate", "model": name, "batch": b, "model_rows": mrows, "steps_measured": len(over),
-                     "step_ms": step_ms, "forward_in_loop_ms": 1e3 * _median(forwards), "bare_forward_ms": bare,
-                     "overhead_us": over_us, "overhead_fraction": over_us / (1e3 * step_ms),
+                     "step_ms": step_ms, "sampler_step_ms": 1e3 * _median(sampler_steps),
+                     "forward_in_loop_ms": forward_ms,
+                     "bare_forward_ms": bare, "overhead_us": over_us, "overhead_fraction": over_us / (1e3 * step_ms),
+                     "loop_us": loop_us,
+                     "sampler_us": 1e6 * _median([s - f for s, f in zip(sampler_steps, forwards, strict=True)]),
                      "overhead_vs_bare_us": 1e3 * (step_ms - bare),
                      "overhead_us_samples": [1e6 * o for o in over]})
         print(_gen_line(rows[-1]), flush=True)
@@ -153,7 +163,8 @@ async def measure_tokenizer(h: EngineHarness, name: str, args: argparse.Namespac
 def _gen_line(r: dict[str, Any]) -> str:
     return (f"{r['model']:<16} b{r['batch']:<4} rows {r['model_rows']:<4} step {r['step_ms']:9.2f} ms  "
             f"forward {r['forward_in_loop_ms']:9.2f} ms (bare {r['bare_forward_ms']:9.2f})  "
-            f"overhead {r['overhead_us']:8.0f} us  {100 * r['overhead_fraction']:5.1f}%")
+            f"overhead {r['overhead_us']:8.0f} us  {100 * r['overhead_fraction']:5.1f}%  "
+            f"(loop {r['loop_us']:6.0f} + sampler/runtime {r['sampler_us']:7.0f})")
 
 
 def _tok_line(r: dict[str, Any]) -> str:

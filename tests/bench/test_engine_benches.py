@@ -47,6 +47,7 @@ def test_overhead_quick_writes_consistent_rows(tmp_path: Path) -> None:
         assert r["steps_measured"] == 5 - 3
         assert r["step_ms"] > r["forward_in_loop_ms"] > 0 and r["bare_forward_ms"] > 0
         assert r["overhead_us"] == pytest.approx(1e3 * r["step_ms"] * r["overhead_fraction"])
+        assert r["step_ms"] > r["sampler_step_ms"] > r["forward_in_loop_ms"]  # the scheduler times inside the loop
     assert sorted((r["part"], r["batch"]) for r in rec["rows"] if r["part"] != "generate") == [("decode", 2),
                                                                                              ("encode", 2)]
     assert rec["goal"]["checked"] and rec["goal"]["batch"] == 4
@@ -67,7 +68,10 @@ def test_gpu_plan_budget_skips_what_would_overrun() -> None:
             self.rows.append(row)
 
     rec = Rec()
-    gpu_plan._sweep("x", [1, 16, 64], budget, rec, lambda b: {"seconds": 0.6})  # type: ignore[arg-type]
+    async def run(b: int) -> dict:
+        return {"seconds": 0.6}
+
+    asyncio.run(gpu_plan._sweep("x", [1, 16, 64], budget, rec, run))  # type: ignore[arg-type]
     assert [("skipped" in r) for r in rec.rows] == [False, False, True]
 
 
