@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -52,7 +49,6 @@ BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SMALL_BATCHES = (1, 2, 4)
 # shares of the budget per part (what is left at the end is slack for start-up and the server's start)
 SHARES = {"peak": 0.02, "folders": 0.08, "engine": 0.40, "tokenizer": 0.10, "http": 0.30}
-REPO = Path(__file__).resolve().parent.parent
 MIN_LOAD_S = 30.0  # a part that cannot load its models and run a batch in this long is skipped
 
 
@@ -75,7 +71,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parts", type=str_list, default=["peak", "engine", "tokenizer", "http"],
                    help="which of peak, engine, tokenizer, http")
     p.add_argument("--work", type=Path, default=Path("/tmp/tokserve-gpu-plan"), help="where the folders go")
-    p.add_argument("--port", type=int, default=0, help="HTTP port (0: a free one)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder (or .json file) for the results")
     a = p.parse_args(argv)
     a.budget_s = a.budget_s or (120.0 if a.small else 420.0)
@@ -262,78 +257,50 @@ async def tokenizer_part(args: argparse.Namespace, folders: tuple[Path, Path], d
             await _sweep("tokenizer", args.tok_batches, budget, rec, one, op=op, dtype=dtype)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def http_part(args: argparse.Namespace, folders: tuple[Path, Path], device: torch.device, budget: Budget,
               rec: Record, peak: float | None) -> None:
     """The API server in its own process (``python -m server``), B concurrent one-image generate calls."""
     import httpx
 
+    from models.hub import read_config
+    from server.bench import LocalServer
+
     tok, gen = folders
-    port = args.port or _free_port()
     dtype = args.http_dtype
     biggest = max(args.batches)
-    env = {**os.environ, "TOKSERVE_MODELS": f"{tok},{gen}", "TOKSERVE_DEVICE": str(device),
-           "TOKSERVE_DTYPE": dtype, "TOKSERVE_MAX_BATCH_SIZE": str(biggest),
-           "TOKSERVE_QUEUE_CAPACITY": str(max(256, biggest)), "TOKSERVE_MAX_STEPS": str(max(1000, args.steps)),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    log = open(args.work / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
+    env = {"TOKSERVE_MODELS": f"{tok},{gen}", "TOKSERVE_DEVICE": str(device), "TOKSERVE_DTYPE": dtype,
+           "TOKSERVE_MAX_BATCH_SIZE": str(biggest), "TOKSERVE_QUEUE_CAPACITY": str(max(256, biggest)),
+           "TOKSERVE_MAX_STEPS": str(max(1000, args.steps))}
+    flops = generation_flops(read_config(gen)[1], read_config(tok)[1], "sde", args.steps, args.cfg_scale,
+                             *args.guidance)
+    log_path = args.work / "server.log"
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        ready = _wait_ready(base, proc, budget)
-        rec.part("http", ready=ready, start_s=time.monotonic() - t0, dtype=dtype, port=port)
-        if not ready:
-            print(f"  http: the server did not become ready; its log:\n{_tail(args.work / 'server.log')}", flush=True)
+    with open(log_path, "wb") as log, contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(LocalServer(env, ready_timeout_s=max(1.0, budget.left()), log=log))
+        except RuntimeError as e:
+            rec.part("http", ready=False, error=str(e), start_s=time.monotonic() - t0, dtype=dtype)
+            print(f"  http: {e}; the server's log:\n{_tail(log_path)}", flush=True)
             return
-        with httpx.Client(base_url=base, timeout=None) as c:
+        rec.part("http", ready=True, start_s=time.monotonic() - t0, dtype=dtype, port=server.port)
+        with httpx.Client(base_url=server.url, timeout=None) as c:
             models = c.get("/v1/models").json()
         gen_name = next(m["name"] for m in _model_list(models) if m.get("kind") == "generator")
-        from models.hub import read_config
-
-        flops = generation_flops(read_config(gen)[1], read_config(tok)[1], "sde", args.steps, args.cfg_scale,
-                                 *args.guidance)
-        body = {"model": gen_name, "steps": args.steps, "cfg_scale": args.cfg_scale,
-                "guidance_interval": list(args.guidance), "sampler": "sde", "format": "png"}
-        asyncio.run(_http_generate(base, body, 1, 3))  # warm-up
+        body = {"model": gen_name, "cfg_scale": args.cfg_scale, "guidance_interval": list(args.guidance),
+                "sampler": "sde", "format": "png"}
+        asyncio.run(_http_generate(server.url, body, 1, 3))  # warm-up
 
         async def one(b: int) -> dict[str, Any]:
-            wall, statuses = await _http_generate(base, body, b, args.steps)
+            wall, statuses = await _http_generate(server.url, body, b, args.steps)
             ips = b / wall
             return {"seconds": wall, "img_per_s": ips, "mfu": _mfu(flops.total, ips, peak), "statuses": statuses,
                     "steps": args.steps, "tflop_per_img": flops.total / 1e12}
 
         asyncio.run(_sweep("http", args.batches, budget, rec, one, op="generate", dtype=dtype))
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def _model_list(payload: Any) -> list[dict[str, Any]]:
     return payload["models"] if isinstance(payload, dict) else payload
-
-
-def _wait_ready(base: str, proc: subprocess.Popen[bytes], budget: Budget) -> bool:
-    import httpx
-
-    while budget.left() > 0 and proc.poll() is None:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return False
 
 
 async def _http_generate(base: str, body: dict[str, Any], n: int, steps: int) -> tuple[float, dict[int, int]]:

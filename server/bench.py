@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "tiny-imagenet-64" / "validation-00000-of-00001.parquet"
@@ -143,19 +143,24 @@ def _free_port() -> int:
 class LocalServer:
     """``python -m server`` in a subprocess with extra environment; a context manager."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *, ready_timeout_s: float = 600.0, log: IO[bytes] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+        # the repository first, then what the caller's path holds (e.g. wheels installed with --target)
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        self.env = {**os.environ, "PYTHONPATH": path, **env}
         self.env.pop("REDIS_URL", None)
+        self.ready_timeout_s = ready_timeout_s
+        self.log = log  # where the server's output goes (default: this process's)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> LocalServer:
         import httpx
 
         self.proc = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1", "--port",
-                                      str(self.port), "--log-level", "warning"], cwd=REPO, env=self.env)
-        end = time.time() + 600
+                                      str(self.port), "--log-level", "warning"], cwd=REPO, env=self.env,
+                                     stdout=self.log, stderr=subprocess.STDOUT if self.log else None)
+        end = time.time() + self.ready_timeout_s
         while time.time() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}")
@@ -165,7 +170,8 @@ class LocalServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
-        raise RuntimeError("server not ready after 600 s")
+        self.__exit__()
+        raise RuntimeError(f"server not ready after {self.ready_timeout_s:.0f} s")
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
