@@ -332,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     args.dtypes = args.dtypes or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])
     args.work.mkdir(parents=True, exist_ok=True)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # this thread only: the engine's device thread runs under inference_mode itself
+        return _run(args, device)
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> int:
     budget = Budget(args.budget_s)
     rec = Record(args, device)
     print(f"# gpu_plan on {rec.data['env']['device']} | torch {rec.data['env']['torch']} | budget {args.budget_s:.0f} s "

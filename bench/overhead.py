@@ -233,7 +233,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    record = asyncio.run(amain(args))
+    threads = torch.get_num_threads()
+    try:
+        record = asyncio.run(amain(args))
+    finally:  # the engine sets the process-wide thread count (TOKSERVE_TORCH_THREADS)
+        torch.set_num_threads(threads)
     g = record["goal"]
     if g["checked"]:
         print(f"\ngoal (issue 17, {g['model']} at batch {g['batch']}): overhead {g['overhead_us']:.0f} us per step, "

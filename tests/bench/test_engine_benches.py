@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import gpu_plan, overhead
 from bench.engine_harness import EngineHarness
@@ -30,7 +31,7 @@ def test_harness_attributes_each_step_to_one_forward() -> None:
             assert all(p >= f > 0 for p, f in zip(run.periods_s, run.forward_s, strict=True))
             unguided = await h.generate(GENERATOR, 3, 6, cfg_scale=1.0)
             assert unguided.model_rows == [3] * 3
-            wall, tokens = await h.tokenize("encode", TOKENIZER, __import__("torch").zeros(2, 3, 64, 64))
+            wall, tokens = await h.tokenize("encode", TOKENIZER, torch.zeros(2, 3, 64, 64))
             assert wall > 0 and [t.shape[0] for t in tokens] == [1, 1]
 
     asyncio.run(go())
@@ -38,8 +39,10 @@ def test_harness_attributes_each_step_to_one_forward() -> None:
 
 def test_overhead_quick_writes_consistent_rows(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
+    threads = torch.get_num_threads()
     assert overhead.main(["--quick", "--tokenizer", TOKENIZER, "--batches", "1,4", "--tok-batches", "2",
                           "--threads", "1", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # the engine's thread setting does not outlive the run
     rec = json.loads(out.read_text())
     gen = [r for r in rec["rows"] if r["part"] == "generate"]
     assert [(r["model"], r["batch"], r["model_rows"]) for r in gen] == [(GENERATOR, 1, 2), (GENERATOR, 4, 8)]
@@ -79,6 +82,7 @@ def test_gpu_plan_small_runs_every_part_on_the_server_path(tmp_path: Path) -> No
     out = tmp_path / "plan.json"
     assert gpu_plan.main(["--small", "--device", "cpu", "--batches", "1,2", "--tok-batches", "2",
                           "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    assert torch.is_grad_enabled()  # left as it was
     rec = json.loads(out.read_text())
     assert not [k for k in rec["parts"] if k.endswith("error")], rec["parts"]
     assert rec["parts"]["http"]["ready"]
