@@ -80,7 +80,7 @@ def test_gpu_plan_budget_skips_what_would_overrun() -> None:
 
 def test_gpu_plan_small_runs_every_part_on_the_server_path(tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
-    assert gpu_plan.main(["--small", "--device", "cpu", "--batches", "1,2", "--tok-batches", "2",
+    assert gpu_plan.main(["--small", "--device", "cpu", "--batches", "1,2", "--tok-batches", "2", "--budget-s", "400",
                           "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     assert torch.is_grad_enabled()  # left as it was
     rec = json.loads(out.read_text())
