@@ -48,15 +48,26 @@ class StepOutcome:
     progress: list[tuple[Job, int, int]] = field(default_factory=list)  # job, steps done (slowest row), total
 
 
-def _snapshot(rows: list[Row]) -> list[tuple[torch.Tensor, int, dict, torch.Tensor]]:
-    return [(r.x.clone(), r.step, dict(r.state), r.generator.get_state()) for r in rows]
+_Saved = tuple[torch.Tensor | list[torch.Tensor], list[tuple[int, dict, torch.Tensor]]]
 
 
-def _restore(rows: list[Row], saved: list[tuple[torch.Tensor, int, dict, torch.Tensor]]) -> None:
-    """Put rows back as they were before a failed step (``x`` is a copy: MAR and VAR write into it; the state
-    dict is shallow-copied, and samplers replace its values rather than mutate them)."""
-    for r, (x, step, state, rng) in zip(rows, saved, strict=True):
-        r.x, r.step, r.state = x, step, state
+def _snapshot(rows: list[Row]) -> _Saved:
+    """What :func:`_restore` needs: a copy of every row's ``x`` (MAR and VAR write into it), its step, a shallow
+    copy of its state dict (samplers replace its values rather than mutate them) and its RNG state. The ``x``
+    of rows alike (shape, dtype, device: the usual case) are copied in one stack, not one clone per row: taken
+    before every step, per-row clones were most of the scheduler's own time (about 5 ms a step at 256 rows)."""
+    xs = [r.x for r in rows]
+    first = xs[0]
+    alike = all(x.shape == first.shape and x.dtype == first.dtype and x.device == first.device for x in xs)
+    copy: torch.Tensor | list[torch.Tensor] = torch.stack(xs) if alike else [x.clone() for x in xs]
+    return copy, [(r.step, dict(r.state), r.generator.get_state()) for r in rows]
+
+
+def _restore(rows: list[Row], saved: _Saved) -> None:
+    """Put rows back as they were before a failed step."""
+    copy, rest = saved
+    for i, (r, (step, state, rng)) in enumerate(zip(rows, rest, strict=True)):
+        r.x, r.step, r.state = copy[i], step, state
         r.generator.set_state(rng)
 
 

@@ -11,7 +11,7 @@ import torch
 import models
 from models.sampling import get_sampler
 from models.sampling.base import Row, SampleRequest, StepStats, run_to_completion
-from server.engine.scheduler import GenerationScheduler
+from server.engine.scheduler import GenerationScheduler, _restore, _snapshot
 from server.queue import GeneratePayload, Job
 
 SHAPE = (4, 2)
@@ -205,3 +205,21 @@ def test_survivors_of_a_failed_step_match_running_alone(tiny_sit: torch.nn.Modul
     assert [j.request_id for j, _ in failed] == ["bad"] and [j.request_id for j, _, _ in finished] == ["good"]
     alone = run_to_completion(sampler, real, good.payload.requests, shape)  # type: ignore[union-attr]
     assert torch.allclose(finished[0][1], alone, atol=1e-6)
+
+
+def test_snapshot_restores_rows_written_in_place_alike_or_not() -> None:
+    """The snapshot before each step copies rows of one shape in one stack, others one by one; either way a
+    restore undoes in-place writes to ``x`` (MAR, VAR), the step and the noise drawn."""
+    sampler = get_sampler("sde", "sit")
+    alike = [sampler.init_row(SampleRequest(1, seed=i, steps=5), (4, 2)) for i in range(3)]
+    odd = sampler.init_row(SampleRequest(1, seed=9, steps=5), (3, 2))
+    for rows in (alike, [*alike, odd]):
+        before = [(r.x.clone(), r.step, r.generator.get_state()) for r in rows]
+        saved = _snapshot(rows)
+        for r in rows:
+            r.x.add_(1.0)
+            r.step += 1
+            torch.randn(2, generator=r.generator)
+        _restore(rows, saved)
+        for r, (x, step, rng) in zip(rows, before, strict=True):
+            assert torch.equal(r.x, x) and r.step == step and torch.equal(r.generator.get_state(), rng)
