@@ -242,7 +242,8 @@ def test_priority_bands_and_capacity(server: RedisServer) -> None:
 
 def test_expiry_and_trimming(server: RedisServer) -> None:
     async def main() -> None:
-        opts = _opts(server, job_ttl_s=0.5)
+        # a TTL long enough that a loaded CI box finishes the 30 jobs and the trim before the first one expires
+        opts = _opts(server, job_ttl_s=3.0)
         api, worker = _q(opts, [KIND]), _q(opts)
         ids = [await api.enqueue(_job(float(i))) for i in range(30)]
         while True:
@@ -257,7 +258,9 @@ def test_expiry_and_trimming(server: RedisServer) -> None:
         await worker._trim()  # acknowledged entries go
         assert r.xlen(s) < 30
         assert (await api.info(ids[0])).status == "completed"  # type: ignore[union-attr]
-        await asyncio.sleep(0.6)
+        deadline = time.monotonic() + 15.0
+        while await api.info(ids[0]) is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
         assert await api.info(ids[0]) is None  # results and state expire
         assert not r.exists(f"{opts.prefix}:res:{ids[0]}")
 
