@@ -15,8 +15,10 @@ help; width helps a little per step but not per CPU second. Early steps only: co
 Session 6 added a linear pair path beside the ViTs (``pairskip``: grid positions 2i, 2i+1 -> token i -> back,
 ``SoftVQTAEF2Config.pair_skip``), alone and with a 2-level residual soft quantizer (``pairskip_res2``), plus
 ``pairskip_tau02``, ``product16`` and ``residual3`` (not run to a result). Same seed and data, rel. MSE at step
-100 / 200 / 300 / 400: pairskip 0.672 / 0.339 / 0.227 / 0.156 (the main run of the base model needed 4,500
-steps of batch 64 on the full training cache for 0.206); pairskip_res2 0.576 / 0.263 (stopped there). The
+100 / 200 / 300 / 400 (measured when the script still built the pair path's two linears itself, after the
+aligner; the model's own ``pair_skip`` layers now serve, initialised in another order): pairskip 0.672 /
+0.339 / 0.227 / 0.156 (the main run of the base model needed 4,500 steps of batch 64 on the full training
+cache for 0.206); pairskip_res2 0.576 / 0.263 (stopped there). The
 ViTs alone were slow to learn to route each grid position through the latent tokens; the linear path gives
 them that from the start. softvq-taef2-32x64-skip = pair path + 2-level residual soft quantizer.
 """
@@ -42,9 +44,9 @@ VARIANTS: dict[str, dict] = {
     "soft_tau02": {"overrides": {"tau": 0.2}, "kl_weight": 0.0},
     "wide": {"overrides": {"width": 256, "heads": 4}},
     "deep_dec": {"overrides": {"dec_depth": 5}},
-    "pairskip": {"skip": True},
-    "pairskip_res2": {"skip": True, "overrides": {"quantizer": "residual", "num_levels": 2}},
-    "pairskip_tau02": {"skip": True, "overrides": {"tau": 0.2}, "kl_weight": 0.0},
+    "pairskip": {"overrides": {"pair_skip": True}},
+    "pairskip_res2": {"overrides": {"pair_skip": True, "quantizer": "residual", "num_levels": 2}},
+    "pairskip_tau02": {"overrides": {"pair_skip": True, "tau": 0.2}, "kl_weight": 0.0},
     "product16": {"overrides": {"quantizer": "product", "num_groups": 16}},
     "residual3": {"overrides": {"quantizer": "residual", "num_levels": 3}},
 }
@@ -68,31 +70,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     m = SoftVQTAEF2(models.get_config("softvq-taef2-32x64", **norm, **v.get("overrides", {})))
     aligner = TokenAligner(m.config.token_dim, f_all.shape[1], 512)
-    # "skip": a linear path from each pair of raster-adjacent grid vectors to its token and back, beside the ViTs
-    c, d = m.config.latent_channels, m.config.token_dim
-    skip_in, skip_out = torch.nn.Linear(2 * c, d), torch.nn.Linear(d, 2 * c)
     params = [p for p in m.parameters() if p.requires_grad] + list(aligner.parameters())
-    if v.get("skip"):
-        params += list(skip_in.parameters()) + list(skip_out.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     kl_weight = v.get("kl_weight", 0.01)
 
     def tokens(z: torch.Tensor, losses: bool):
-        grid = m.grid_from_latents(z)
-        feats = m.quant_conv(m.encoder(grid))
-        if v.get("skip"):
-            feats = feats + skip_in(grid.reshape(grid.shape[0], -1, 2 * c))
         if v.get("bypass"):
+            feats = m.quant_conv(m.encoder(m.grid_from_latents(z)))
             return F.layer_norm(feats, feats.shape[-1:]) * 0.125, None
-        q = m.quantize(feats, losses)
-        return q.quantized, q
-
-    def decode(tok: torch.Tensor) -> torch.Tensor:
-        grid = m.decode_grid(tok)
-        if v.get("skip"):
-            grid = grid + skip_out(tok).reshape(grid.shape)
-        return grid
+        enc = m.encode_latents(z, losses)
+        return enc.tokens, enc.quantizer
 
     t0 = time.time()
     for step in range(1, a.steps + 1):
@@ -102,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         m.train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             tok, q = tokens(z_tr[idx], True)
-            loss = F.mse_loss(decode(tok).float(), m.grid_from_latents(z_tr[idx]))
+            loss = F.mse_loss(m.decode_grid(tok).float(), m.grid_from_latents(z_tr[idx]))
             if q is not None and kl_weight > 0:
                 loss = loss + kl_weight * kl_from_losses(q.losses)
             loss = loss + 0.1 * aligner(tok.float(), f_tr[idx])
@@ -115,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 tok, _ = tokens(z_te, False)
                 target = m.grid_from_latents(z_te)
-                rel = float((decode(tok) - target).pow(2).sum() / (target - target.mean()).pow(2).sum())
+                rel = float((m.decode_grid(tok) - target).pow(2).sum() / (target - target.mean()).pow(2).sum())
             print(json.dumps({"variant": a.variant, "step": step, "rel_mse": round(rel, 4),
                               "s": round(time.time() - t0)}), flush=True)
 
