@@ -162,6 +162,7 @@ class GeneratorTrainConfig(ConfigModel):
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=2e-4, weight_decay=0.0, warmup_steps=500))
     run: RunConfig = Field(default_factory=lambda: RunConfig(ema_decay=0.9995))
+    wip_dir: str | None = None  # also write a committable wip folder (Trainer.save_wip) at each sample step
     kind: Literal["generator"] = "generator"
 
 

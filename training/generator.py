@@ -246,6 +246,8 @@ def train_generator(cfg: GeneratorTrainConfig) -> Path:
                     per_class=4, steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg,
                     sampler_name=cfg.sample_sampler or gcfg.sampler)
         plot_losses(trainer.out / "metrics.jsonl", trainer.out / "loss.png")
+        if cfg.wip_dir:
+            trainer.save_wip(cfg.wip_dir)  # resumable in a later session with run.resume_from=<wip_dir>
 
     trainer.fit(step_fn, batch_size=run.batch_size, on_sample=on_sample)
     out = models.save_pretrained(trainer.export_model, trainer.out / "export", dtype=getattr(torch, run.export_dtype))

@@ -182,6 +182,7 @@ def softvq_taef2_32() -> LatentTokenizerTrainConfig:
 
 
 def _sit(tokens: int, dim: int, tokenizer: str, tokenizer_ref: str, out: str) -> GeneratorTrainConfig:
+    name = out.rsplit("/", 1)[-1]
     return GeneratorTrainConfig(
         model=f"sit-s-{tokens}x{dim}",
         model_overrides={"hidden_size": 256, "depth": 6, "num_heads": 4, "mlp_ratio": 2.5, "cfg_scale": 2.0,
@@ -199,13 +200,14 @@ def _sit(tokens: int, dim: int, tokenizer: str, tokenizer_ref: str, out: str) ->
         class_dropout=0.1,
         sample_steps=25,
         sample_cfg=2.0,
+        wip_dir=f"weights/wip/{name}",
     )
 
 
 def sit_softvq_taef2() -> GeneratorTrainConfig:
-    """SiT (width 256, depth 6, ~5.9 M parameters) with REPA on the 32 tokens of softvq-taef2-32x64, all 100k
-    Tiny ImageNet train images and their mirrors (feature cache), 200 classes."""
-    return _sit(32, 64, "runs/softvq-taef2-32x64/export", "default-tokenizer", "runs/sit-softvq-taef2")
+    """SiT (width 256, depth 6, ~5.9 M parameters) with REPA on the 32 tokens of softvq-taef2-32x64-skip, all
+    100k Tiny ImageNet train images and their mirrors (feature cache), 200 classes."""
+    return _sit(32, 64, "runs/softvq-taef2-32x64-skip/export", "default-tokenizer", "runs/sit-softvq-taef2")
 
 
 def sit_taef2_64() -> GeneratorTrainConfig:

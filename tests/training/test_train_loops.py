@@ -27,9 +27,9 @@ def _tok_cfg(out: Path, **run) -> C.TokenizerTrainConfig:
     ])
 
 
-def _gen_cfg(out: Path, tokenizer: Path, model: str = "sit-tiny-64x32", **run) -> C.GeneratorTrainConfig:
+def _gen_cfg(out: Path, tokenizer: Path, model: str = "sit-tiny-64x32", *extra: str, **run) -> C.GeneratorTrainConfig:
     cfg = get_named("generator-tiny")
-    return C.apply_overrides(cfg, [
+    return C.apply_overrides(cfg, [*extra,
         f"model={model}", f"tokenizer={tokenizer}", f"run.out_dir={out}", "run.sample_every=60", "run.ckpt_every=100", "run.progress=none", "data.max_images=192", "sample_steps=4",
         f"latent_cache={out.parent / 'latents.pt'}", *[f"run.{k}={json.dumps(v)}" for k, v in run.items()],
     ])
@@ -92,7 +92,8 @@ def test_tokenizer_resume_is_exact(tokenizer_run: Path, tmp_path: Path) -> None:
 def test_generator_learns_resumes_and_exports(tokenizer_run: Path, tmp_path: Path, model: str) -> None:
     tok_dir = tmp_path / "tok"
     models.save_pretrained(models.load_pretrained(tokenizer_run / "export"), tok_dir)
-    full = train_generator(_gen_cfg(tmp_path / "full", tok_dir, model))
+    wip = tmp_path / "wip"
+    full = train_generator(_gen_cfg(tmp_path / "full", tok_dir, model, f"wip_dir={wip}"))
     tok_cfg = json.loads((tok_dir / "config.json").read_text())
     assert tok_cfg["vq_std"] != 1.0 and tok_cfg["vq_std"] > 0, "latent stats are written into the tokenizer"
 
@@ -133,3 +134,11 @@ def test_generator_learns_resumes_and_exports(tokenizer_run: Path, tmp_path: Pat
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=1e-6)
     for key in a["ema"]["model"]:
         torch.testing.assert_close(b["ema"]["model"][key], a["ema"]["model"][key], rtol=1e-5, atol=1e-6)
+
+    # the committable wip folder written at the sample step continues a run in a fresh folder (a later session)
+    assert json.loads((wip / "wip.json").read_text())["step"] == 60
+    later = tmp_path / "later"
+    train_generator(_gen_cfg(later, tok_dir, model, f"run.resume_from={wip}", steps=64))
+    events = [json.loads(line) for line in (later / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "resume_wip" and e["step"] == 60 for e in events)
+    assert _ckpt(later)["step"] == 64
