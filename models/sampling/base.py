@@ -10,6 +10,15 @@ result does not depend on which other rows share its batch (up to float round-of
 The server keeps one running batch per (model, sampler name): new rows join at any step boundary, finished
 rows (``row.done``) leave. ``model_fn`` is any callable with the generator's forward signature, so runtimes
 (eager, compiled, ONNX) plug in without the sampler knowing.
+
+Device residency: a sampler built with ``device=`` keeps each row's ``x`` and its ``torch.Generator`` on that
+device and calls ``model_fn`` with tensors there; ``step`` never copies row state to the host. What the host
+decides per step (which rows are guided, which take their last step) depends only on the requests and the
+rows' step counters, never on tensor values, so it needs no device sync; the per-step numbers built from it
+(times, scales, labels) go the other way, host to device, in one small copy (:func:`to_device`). A finished
+row's ``result`` is still on the device: its consumer copies it back once. Seeds: a generator on CPU and one
+on CUDA give different streams for the same seed, so a row's noise (and its image) depends on the sampler's
+device: the same seed on the same device gives the same result, on another device another (valid) sample.
 """
 
 from __future__ import annotations
@@ -20,8 +29,21 @@ from typing import Any, Protocol
 
 import torch
 
-# model_fn(x (N, L, C) float32, t (N,) float32, y (N,) int64) -> (N, L, C_out) float32
+# model_fn(x (N, L, C) float32, t (N,) float32, y (N,) int64) -> (N, L, C_out) float32, all on the sampler's
+# device (a runtime that computes elsewhere moves them there and back itself)
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def to_device(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype)`` on ``device``: per-step numbers built on the host (times, scales,
+    labels, row indices; nested lists give (K, N)). On the CPU no copy; on CUDA through pinned memory with a
+    non-blocking copy, so the host never waits for the device's queued work (a pageable copy would)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass(frozen=True)
@@ -42,8 +64,9 @@ class SampleRequest:
 
 @dataclass
 class Row:
-    """The state of one row. ``x`` is (L, C) float64 in normalised latent space. ``step`` counts completed
-    steps out of ``total``. ``state`` holds sampler-private values (timesteps, Heun stage ...)."""
+    """The state of one row. ``x`` is (L, C) float64 in normalised latent space, on the sampler's device, as
+    is ``generator``. ``step`` counts completed steps out of ``total``. ``state`` holds sampler-private values
+    (timesteps, Heun stage ...)."""
 
     request: SampleRequest
     x: torch.Tensor
@@ -75,7 +98,7 @@ class StepSampler(Protocol):
     def step(self, model_fn: ModelFn, rows: Sequence[Row]) -> StepStats: ...
 
     def result(self, row: Row) -> torch.Tensor:
-        """(L, C) float64 normalised latents of a finished row."""
+        """(L, C) float64 normalised latents of a finished row, on the sampler's device."""
         ...
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from models.sampling.base import ModelFn, StepStats
+from models.sampling.base import ModelFn, StepStats, to_device
 
 
 def call_model(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -39,6 +39,8 @@ class GuidedOutput:
         ``b + s * (a - b)``; other rows keep ``a``. ``scale`` (N,) per-row guidance scales."""
         if self.index.numel() == 0:
             return a
+        if self.index.numel() == a.shape[0]:  # every row guided: index is 0 .. N-1, no gather or scatter
+            return b + scale.to(a.dtype).view(-1, *([1] * (a.dim() - 1))) * (a - b)
         out = a.clone()
         s = scale[self.index].to(a.dtype).view(-1, *([1] * (a.dim() - 1)))
         ca = a[self.index]
@@ -50,11 +52,16 @@ def guided_forward(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, y: torch
                    guided: Sequence[bool], null_class: int, stats: StepStats | None = None) -> GuidedOutput:
     """One forward of ``[x; x[guided]]`` with labels ``[y; null]``.
 
-    x (N, L, C) in the model dtype, t (N,) float32, y (N,) int64, ``guided`` N flags. Updates ``stats``.
+    x (N, L, C) in the model dtype, t (N,) float32, y (N,) int64, ``guided`` N flags (host booleans: the
+    batch's shape is decided without reading the device). Updates ``stats``.
     """
     n = x.shape[0]
-    index = torch.tensor([i for i, g in enumerate(guided) if g], dtype=torch.long, device=x.device)
-    if index.numel():
+    rows = [i for i, g in enumerate(guided) if g]
+    index = to_device(rows, torch.long, x.device)
+    if rows and len(rows) == n:  # all guided: the copies are the whole batch
+        xin, tin = torch.cat([x, x]), torch.cat([t, t])
+        yin = torch.cat([y, torch.full((n,), null_class, dtype=y.dtype, device=y.device)])
+    elif rows:
         xin = torch.cat([x, x[index]])
         tin = torch.cat([t, t[index]])
         yin = torch.cat([y, torch.full((index.numel(),), null_class, dtype=y.dtype, device=y.device)])
