@@ -10,11 +10,17 @@ Two forms with the same numbers:
 * :class:`FlowSampler`, the step API of :mod:`models.sampling.base` for the server: every row has its own
   step count, class, scale, interval, path type and ``torch.Generator``.
 
-Row randomness (``FlowSampler``): ``init_row`` seeds ``torch.Generator('cpu')`` with ``request.seed`` and
-draws the initial noise (L, C) in float32 (as the official ``torch.randn(n, L, C)``), stored as float64;
-the SDE then draws one (L, C) float64 eps per step before the model call, except on the last step. So a
-row with seed s equals ``euler_maruyama_sampler(latents, generator=g)`` for a batch of one, with ``g``
-seeded s and ``latents = torch.randn(1, L, C, generator=g)``.
+Row randomness (``FlowSampler``): ``init_row`` seeds a ``torch.Generator`` on the sampler's device with
+``request.seed`` and draws the initial noise (L, C) in float32 (as the official ``torch.randn(n, L, C)``),
+stored as float64; the SDE then draws one (L, C) float64 eps per step, except on the last step. So a row with
+seed s equals ``euler_maruyama_sampler(latents, generator=g)`` for a batch of one, with ``g`` seeded s on the
+same device and ``latents = torch.randn(1, L, C, generator=g)``.
+
+Device: rows, their generators and all step arithmetic stay on the sampler's ``device``; a step sends one
+(4, N) float64 block of per-row numbers (t_cur, t_next, cfg scale, class) to it and reads nothing back. On
+the CPU the numbers are those of the functional samplers (the tests compare them). A CUDA generator's stream
+differs from a CPU one's, so on CUDA a seed gives another sample than on the CPU: the same seed on the same
+device gives the same result.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from models.sampling.base import ModelFn, Row, SampleRequest, StepStats
+from models.sampling.base import ModelFn, Row, SampleRequest, StepStats, to_device
 from models.sampling.guidance import call_model, guidance_active, guided_forward
 
 PATH_TYPES = ("linear", "cosine")  # interpolants of the SDE sampler (SiT's path_type)
@@ -57,9 +63,9 @@ def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, path_
     sigma = sin(pi t / 2). ``r = alpha / alpha'``, ``var = sigma^2 - r sigma' sigma``, score = (r v - x) / var.
     """
     t = t.view(t.shape[0], *([1] * (x.dim() - 1)))
-    if path_type == "linear":
-        alpha_t, d_alpha_t = 1 - t, torch.ones_like(x) * -1
-        sigma_t, d_sigma_t = t, torch.ones_like(x)
+    if path_type == "linear":  # the coefficients are per row: (N, 1, 1) (the official code broadcasts them to x)
+        alpha_t, d_alpha_t = 1 - t, torch.ones_like(t) * -1
+        sigma_t, d_sigma_t = t, torch.ones_like(t)
     elif path_type == "cosine":
         alpha_t = torch.cos(t * np.pi / 2)
         sigma_t = torch.sin(t * np.pi / 2)
@@ -171,14 +177,15 @@ class FlowSampler:
         self.device = torch.device(device)
 
     def init_row(self, request: SampleRequest, shape: tuple[int, int]) -> Row:
-        """Noise (L, C) from the row's own CPU generator seeded with ``request.seed`` (drawn in float32,
-        stored float64 on ``self.device``)."""
+        """Noise (L, C) from the row's own generator on ``self.device``, seeded with ``request.seed`` (drawn in
+        float32, stored float64 there). The schedule stays a host list: guidance and last-step decisions read
+        it without touching the device."""
         if request.steps < 1:
             raise ValueError("steps must be >= 1")
         if self.name == "sde" and request.path_type not in PATH_TYPES:
             raise ValueError(f"path_type {request.path_type!r} is not one of {PATH_TYPES}")
-        g = torch.Generator(device="cpu").manual_seed(request.seed)
-        x = torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(self.device, torch.float64)
+        g = torch.Generator(device=self.device).manual_seed(request.seed)
+        x = torch.randn(tuple(shape), generator=g, dtype=torch.float32, device=self.device).to(torch.float64)
         times = sde_timesteps(request.steps) if self.name == "sde" else ode_timesteps(request.steps)
         return Row(request, x, g, total=request.steps, state={"t": times.tolist()})
 
@@ -192,64 +199,81 @@ class FlowSampler:
             return stats
         if any(r.done for r in rows):
             raise ValueError("step() got a finished row")
+        n = len(rows)
         dev = rows[0].x.device
         t_cur = [r.state["t"][r.step] for r in rows]
         t_next = [r.state["t"][r.step + 1] for r in rows]
         guide = [guidance_active(r.request.cfg_scale, r.request.guidance_low, r.request.guidance_high, t)
                  for r, t in zip(rows, t_cur, strict=True)]
-        scale = torch.tensor([r.request.cfg_scale for r in rows], dtype=torch.float64, device=dev)
-        y = torch.tensor([r.request.class_id for r in rows], dtype=torch.long, device=dev)
-        tc = torch.tensor(t_cur, dtype=torch.float64, device=dev)
-        dt = (torch.tensor(t_next, dtype=torch.float64, device=dev) - tc).view(-1, 1, 1)
+        paths = [r.request.path_type for r in rows]
+        # one host -> device copy of the per-row numbers; class ids are exact in float64
+        p = to_device([t_cur, t_next, [r.request.cfg_scale for r in rows],
+                       [float(r.request.class_id) for r in rows]], torch.float64, dev)
+        tc, scale, y = p[0], p[2], p[3].long()
+        dt = (p[1] - tc).view(-1, 1, 1)
         x = torch.stack([r.x for r in rows])
 
         if self.name == "sde":
-            stochastic = [r.step < r.total - 1 for r in rows]
-            eps = [torch.randn(r.x.shape, dtype=torch.float64, generator=r.generator).to(dev) if s else None
-                   for r, s in zip(rows, stochastic, strict=True)]
-            d = self._drift(model_fn, x, tc, y, guide, scale, rows, stats)
-            x_new = x + d * dt
-            idx = [i for i, s in enumerate(stochastic) if s]
-            if idx:
-                w = (2 * tc[idx]).view(-1, 1, 1)
-                noise = torch.stack([eps[i] for i in idx]) * torch.sqrt(torch.abs(dt[idx]))
-                x_new[idx] = x[idx] + d[idx] * dt[idx] + torch.sqrt(w) * noise
-            # the last step is the deterministic x + dt * d (same product, operands swapped)
+            eps = self._eps(rows, x)
+            d = self._drift(model_fn, x, tc, y, guide, scale, paths, stats)
+            x_new = x + d * dt  # the last step's deterministic update (the official x + dt * d)
+            if eps is not None:  # eps is 0 on rows taking their last step
+                w = (2 * tc).view(-1, 1, 1)
+                x_new = x_new + torch.sqrt(w) * (eps * torch.sqrt(torch.abs(dt)))
         else:
-            d = self._drift(model_fn, x, tc, y, guide, scale, rows, stats)
+            d = self._drift(model_fn, x, tc, y, guide, scale, paths, stats)
             x_new = x + dt * d
             if self.name == "heun":
                 idx = [i for i, r in enumerate(rows) if r.step < r.total - 1]
-                if idx:
-                    tn = torch.tensor([t_next[i] for i in idx], dtype=torch.float64, device=dev)
-                    d2 = self._drift(model_fn, x_new[idx], tn, y[idx], [guide[i] for i in idx], scale[idx],
-                                     [rows[i] for i in idx], stats)
-                    x_new[idx] = x[idx] + dt[idx] * (0.5 * d[idx] + 0.5 * d2)
+                if len(idx) == n:
+                    d2 = self._drift(model_fn, x_new, p[1], y, guide, scale, paths, stats)
+                    x_new = x + dt * (0.5 * d + 0.5 * d2)
+                elif idx:
+                    sel = to_device(idx, torch.long, dev)
+                    d2 = self._drift(model_fn, x_new[sel], p[1][sel], y[sel], [guide[i] for i in idx],
+                                     scale[sel], [paths[i] for i in idx], stats)
+                    x_new[sel] = x[sel] + dt[sel] * (0.5 * d[sel] + 0.5 * d2)
         for i, r in enumerate(rows):
             r.x = x_new[i]
             r.step += 1
         return stats
 
+    @staticmethod
+    def _eps(rows: Sequence[Row], like: torch.Tensor) -> torch.Tensor | None:
+        """(N, L, C) float64: each row's eps drawn from its own generator into its slice (what
+        ``torch.randn(shape, generator=g)`` draws), zeros on rows taking their last step; None if all are."""
+        last = [r.step >= r.total - 1 for r in rows]
+        if all(last):
+            return None
+        eps = torch.zeros_like(like) if any(last) else torch.empty_like(like)
+        for i, (r, is_last) in enumerate(zip(rows, last, strict=True)):
+            if not is_last:
+                eps[i].normal_(generator=r.generator)
+        return eps
+
     def _drift(self, model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guide: list[bool],
-               scale: torch.Tensor, rows: Sequence[Row], stats: StepStats) -> torch.Tensor:
+               scale: torch.Tensor, paths: list[str], stats: StepStats) -> torch.Tensor:
         """Guided velocity (ODE) or guided drift ``v - t * score`` (SDE) of rows x (N, L, C) float64."""
         c = x.shape[-1]
         out = guided_forward(model_fn, x.to(self.model_dtype), t.to(self.model_dtype), y, guide,
                              self.null_class, stats)
-        cond = out.cond.to(torch.float64)[..., :c]
-        uncond = out.uncond.to(torch.float64)[..., :c]
+        cond = out.cond[..., :c].to(torch.float64)
+        uncond = out.uncond[..., :c].to(torch.float64)
         if self.name == "sde":
-            cond = self._sde_drift(cond, x, t, [r.request.path_type for r in rows])
-            gi = out.index
-            if gi.numel():
-                uncond = self._sde_drift(uncond, x[gi], t[gi], [rows[i].request.path_type for i in gi.tolist()])
+            cond = self._sde_drift(cond, x, t, paths)
+            if uncond.shape[0]:
+                gi = out.index
+                uncond = self._sde_drift(uncond, x[gi], t[gi], [p for p, g in zip(paths, guide, strict=True) if g])
         return out.combine(cond, uncond, scale)
 
     @staticmethod
     def _sde_drift(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, paths: list[str]) -> torch.Tensor:
-        d = torch.empty_like(v)
         w = (2 * t).view(-1, 1, 1)
-        for p in set(paths):
-            idx = torch.tensor([i for i, q in enumerate(paths) if q == p], dtype=torch.long, device=v.device)
+        kinds = set(paths)
+        if len(kinds) == 1:  # the usual case: one path for the whole batch, no gather / scatter
+            return v - 0.5 * w * score_from_velocity(v, x, t, paths[0])
+        d = torch.empty_like(v)
+        for p in kinds:
+            idx = to_device([i for i, q in enumerate(paths) if q == p], torch.long, v.device)
             d[idx] = v[idx] - 0.5 * w[idx] * score_from_velocity(v[idx], x[idx], t[idx], p)
         return d
