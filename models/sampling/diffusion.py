@@ -16,7 +16,12 @@ draws noise for 2B rows and keeps the first B. Both forms do the same: the funct
 (2B, L, C) (or (B, L, C) without guidance) float32 per step, DDIM included; a row draws (2, L, C) or (L, C)
 from its own generator and keeps the first (L, C). The initial noise is (L, C) float32 drawn first. A row
 seeded s therefore equals the functional sampler for a batch of one with ``latents = torch.randn(1, L, C,
-generator=g)`` and ``generator=g``, g seeded s.
+generator=g)`` and ``generator=g``, g seeded s (on the sampler's device).
+
+Device: :class:`DiffusionSampler` keeps rows, their generators and the coefficient tables of every respacing
+it meets on its ``device`` (:class:`StackedTables`: one gather serves rows of different step counts); a step
+sends one small block of per-row numbers there and reads nothing back. On the CPU the numbers are the
+functional samplers'; on CUDA a seed draws another stream than on the CPU (same seed, same device, same result).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from models.sampling.base import ModelFn, Row, SampleRequest, StepStats
+from models.sampling.base import ModelFn, Row, SampleRequest, StepStats, to_device
 from models.sampling.guidance import call_model, guidance_active, guided_forward
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -140,6 +145,53 @@ def create_diffusion(timestep_respacing: str = "", noise_schedule: str = "cosine
     return GaussianDiffusion(np.array(betas), tuple(tmap), diffusion_steps)
 
 
+class StackedTables:
+    """The coefficient tables of every respacing a sampler has met, concatenated on one device: respacing
+    ``d`` holds places ``offset(d) .. offset(d) + d.num_steps - 1``, so rows with different step counts read
+    their coefficients with one gather (:meth:`at`). Tables are built on first use and again after a new
+    respacing joins (a new step count: rare); the values are the float64 tables themselves."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._offsets: dict[int, int] = {}  # id(diffusion) -> offset; ``_diffs`` keeps them alive
+        self._diffs: list[GaussianDiffusion] = []
+        self._tables: dict[str, torch.Tensor] = {}
+        self._size = 0
+
+    def offset(self, diff: GaussianDiffusion) -> int:
+        off = self._offsets.get(id(diff))
+        if off is None:
+            off = self._offsets[id(diff)] = self._size
+            self._diffs.append(diff)
+            self._size += diff.num_steps
+            self._tables.clear()
+        return off
+
+    def table(self, name: str) -> torch.Tensor:
+        """(sum of num_steps,) float64 on the device."""
+        t = self._tables.get(name)
+        if t is None:
+            arr = np.concatenate([getattr(d, name) for d in self._diffs])
+            t = torch.from_numpy(arr)
+            t = self._tables[name] = t if self.device.type == "cpu" else t.to(self.device)
+        return t
+
+    def at(self, places: torch.Tensor) -> _TablesAt:
+        """The ``coef`` source of :func:`ddpm_update` for rows at ``places`` (N,) int64 (offset + step)."""
+        return _TablesAt(self, places)
+
+
+@dataclass(frozen=True)
+class _TablesAt:
+    tables: StackedTables
+    places: torch.Tensor
+
+    def coef(self, name: str, k: torch.Tensor, ndim: int = 3) -> torch.Tensor:
+        """:meth:`GaussianDiffusion.coef` for these rows (``k``, their respaced steps, is what ``places``
+        already encodes): gathered in float64, then ``.float()``."""
+        return self.tables.table(name)[self.places].float().view(-1, *([1] * (ndim - 1)))
+
+
 # ----------------------------------------------------------------------------------------- the update
 
 
@@ -149,7 +201,7 @@ def _check_steps(num_steps: int) -> None:
         raise ValueError(f"DiT sampling needs 2 to {NUM_TRAIN_TIMESTEPS} steps, got {num_steps}")
 
 
-def ddpm_update(diff: GaussianDiffusion, method: str, x: torch.Tensor, k: torch.Tensor, eps: torch.Tensor,
+def ddpm_update(diff: GaussianDiffusion | _TablesAt, method: str, x: torch.Tensor, k: torch.Tensor, eps: torch.Tensor,
             var_values: torch.Tensor, noise: torch.Tensor | None, eta: float = 0.0,
             clip_x0: float = 0.0) -> torch.Tensor:
     """One reverse step from respaced steps k (N,) of x (N, L, C) float32, given the (guided) eps and the
@@ -252,13 +304,14 @@ class DiffusionSampler:
         self.noise_schedule = noise_schedule
         self.null_class = null_class
         self.device = torch.device(device)
+        self.tables = StackedTables(self.device)
 
     def init_row(self, request: SampleRequest, shape: tuple[int, int]) -> Row:
-        """Noise (L, C) float32 from the row's own CPU generator seeded with ``request.seed``, stored as
-        float64 (the arithmetic stays float32, so the values remain float32-exact)."""
+        """Noise (L, C) float32 from the row's own generator on ``self.device``, seeded with ``request.seed``,
+        stored as float64 (the arithmetic stays float32, so the values remain float32-exact)."""
         _check_steps(request.steps)
-        g = torch.Generator(device="cpu").manual_seed(request.seed)
-        x = torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(self.device, torch.float64)
+        g = torch.Generator(device=self.device).manual_seed(request.seed)
+        x = torch.randn(tuple(shape), generator=g, dtype=torch.float32, device=self.device).to(torch.float64)
         diff = create_diffusion(str(request.steps), self.noise_schedule)
         return Row(request, x, g, total=request.steps, state={"diffusion": diff})
 
@@ -274,42 +327,43 @@ class DiffusionSampler:
             raise ValueError("step() got a finished row")
         dev = rows[0].x.device
         ks = [r.total - 1 - r.step for r in rows]
-        t_model = [r.state["diffusion"].timestep_map[k] for r, k in zip(rows, ks, strict=True)]
+        diffs = [r.state["diffusion"] for r in rows]
+        t_model = [d.timestep_map[k] for d, k in zip(diffs, ks, strict=True)]
         guide = [guidance_active(r.request.cfg_scale, r.request.guidance_low, r.request.guidance_high,
-                                 t / r.state["diffusion"].num_train_timesteps)
-                 for r, t in zip(rows, t_model, strict=True)]
-        noise = [self._noise(r, k) for r, k in zip(rows, ks, strict=True)]
+                                 t / d.num_train_timesteps)
+                 for r, d, t in zip(rows, diffs, t_model, strict=True)]
+        places = [self.tables.offset(d) + k for d, k in zip(diffs, ks, strict=True)]
+        # one host -> device copy of the per-row numbers (all exact in float64)
+        p = to_device([t_model, [r.request.cfg_scale for r in rows], [float(r.request.class_id) for r in rows],
+                       ks, places], torch.float64, dev)
+        t, scale, y, k = p[0].float(), p[1].float(), p[2].long(), p[3].long()
+        noise = self._noise(rows, ks, rows[0].x)
         x = torch.stack([r.x for r in rows]).float()
         c = x.shape[-1]
-        y = torch.tensor([r.request.class_id for r in rows], dtype=torch.long, device=dev)
-        t = torch.tensor(t_model, dtype=torch.float32, device=dev)
         out = guided_forward(model_fn, x, t, y, guide, self.null_class, stats)
-        scale = torch.tensor([r.request.cfg_scale for r in rows], dtype=torch.float32, device=dev)
         eps = out.combine(out.cond[..., :c], out.uncond[..., :c], scale)
         var_values = out.cond[..., c:]
-        # rows sharing a respacing are updated together; the arithmetic is elementwise, so grouping
-        # changes no value
-        x_new = torch.empty_like(x)
-        groups: dict[int, list[int]] = {}
+        # every row at once: each reads its own respacing's coefficients (the arithmetic is elementwise, so
+        # batching rows of different step counts changes no value)
+        x_new = ddpm_update(self.tables.at(p[4].long()), self.name, x, k, eps, var_values, noise)
+        x_new = x_new.to(torch.float64)
         for i, r in enumerate(rows):
-            groups.setdefault(id(r.state["diffusion"]), []).append(i)
-        for idx in groups.values():
-            diff = rows[idx[0]].state["diffusion"]
-            k = torch.tensor([ks[i] for i in idx], dtype=torch.long, device=dev)
-            nz = [noise[i] for i in idx]
-            n = None if all(v is None for v in nz) else torch.stack(
-                [v if v is not None else torch.zeros_like(x[0]) for v in nz])
-            x_new[idx] = ddpm_update(diff, self.name, x[idx], k, eps[idx], var_values[idx], n)
-        for i, r in enumerate(rows):
-            r.x = x_new[i].to(torch.float64)
+            r.x = x_new[i]
             r.step += 1
         return stats
 
-    def _noise(self, row: Row, k: int) -> torch.Tensor | None:
-        """The row's noise for respaced step k: the first (L, C) of a (2, L, C) draw when the row uses
-        guidance (the official doubled batch), else an (L, C) draw; none on the last step (k = 0), where
-        the official noise is multiplied by zero."""
-        if k == 0:
+    @staticmethod
+    def _noise(rows: Sequence[Row], ks: list[int], like: torch.Tensor) -> torch.Tensor | None:
+        """(N, L, C) float32, each row's noise for respaced step k from its own generator: the first (L, C) of a
+        (2, L, C) draw when the row uses guidance (the official doubled batch), else an (L, C) draw; zeros on
+        the last step (k = 0), where the official noise is multiplied by zero; None when every row is there.
+        Drawn in place into one (N, 2, L, C) buffer (what ``torch.randn((2, L, C), generator=g)`` draws)."""
+        if all(k == 0 for k in ks):
             return None
-        n = 2 if row.request.cfg_scale > 1.0 else 1
-        return torch.randn((n, *row.x.shape), generator=row.generator, dtype=torch.float32)[0].to(row.x.device)
+        pairs = 2 if any(r.request.cfg_scale > 1.0 for r in rows) else 1
+        shape = (len(rows), pairs, *like.shape)
+        buf = (torch.zeros if 0 in ks else torch.empty)(shape, dtype=torch.float32, device=like.device)
+        for i, (r, k) in enumerate(zip(rows, ks, strict=True)):
+            if k != 0:
+                (buf[i] if r.request.cfg_scale > 1.0 else buf[i, 0]).normal_(generator=r.generator)
+        return buf[:, 0]
