@@ -32,9 +32,9 @@ class SamplerFamily:
     ``samplers``: the names a request may choose (the config's ``sampler`` is the default). ``build(name,
     config, **kwargs)`` returns a fresh :class:`~models.sampling.base.StepSampler`. ``model_input`` says what
     its ``step`` takes as the model: ``"model_fn"``, the exportable ``model_fn(x (N, L, C) float32, t (N,),
-    y (N,) int64) -> (N, L, C_out)`` on CPU tensors (rows stay on the CPU; any runtime backend plugs in), or
-    ``"module"``, the network itself, whose methods the sampler calls on the module's device (it is then
-    built with ``device=`` and ``dtype=``). ``needs_tokenizer``: built with ``tokenizer=`` as well (VAR's
+    y (N,) int64) -> (N, L, C_out)`` on the tensors' device (the sampler is built with ``device=``, where its
+    rows live; any runtime backend plugs in), or ``"module"``, the network itself, whose methods the sampler
+    calls on the module's device (it is then built with ``device=`` and ``dtype=``). ``needs_tokenizer``: built with ``tokenizer=`` as well (VAR's
     ``next_scale_input``). ``fixed_steps``: the config's step count is the only valid one (VAR runs its
     scales). ``config_optional``: ``build`` accepts ``config=None`` (family defaults). ``step_noun``: what a
     step is, for messages ("steps", "iterations", "scales").

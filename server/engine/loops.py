@@ -4,8 +4,9 @@ interface (in-process or Redis alike) and running torch in the device thread.
 * :class:`BatchLoop`: encode or decode with dynamic batching (``Batcher``) and per-job failure isolation.
 * :class:`GenerateLoop`: step-level batching (``GenerationScheduler``): new jobs join at step boundaries
   (by priority, then deadline), cancelled / expired ones leave (their rows are freed at once), progress is
-  reported per step, finished rows are un-normalised (continuous latents; codes pass as they are) and decoded
-  together by the tokenizer. SiT / DiT / MAR / MaskGIT / VAR all run this way: a step is a denoising step, a
+  reported per step, finished rows are copied to the host once (their state stays on the runtime's device
+  while they run), un-normalised (continuous latents; codes pass as they are) and decoded together by the
+  tokenizer. SiT / DiT / MAR / MaskGIT / VAR all run this way: a step is a denoising step, a
   MAR or MaskGIT iteration, or a VAR scale.
 """
 
@@ -21,7 +22,7 @@ import torch
 
 from models.sampling.base import StepSampler
 from server.engine.batching import Batcher, BatchPolicy, row_chunked, run_chunked, run_isolated
-from server.engine.runtime import DeviceThread, GeneratorRuntime, TokenizerRuntime
+from server.engine.runtime import DeviceThread, GeneratorRuntime, TokenizerRuntime, to_host
 from server.engine.scheduler import GenerationScheduler, StepOutcome
 from server.errors import DeadlineExceeded, ModelFailed
 from server.metrics import Metrics
@@ -184,7 +185,9 @@ class GenerateLoop:
         failed = list(outcome.failed)
         finished = []
         if outcome.finished:
-            jobs = outcome.finished
+            # the rows lived on the runtime's device; this is their one copy back, all finished jobs together
+            host = to_host([lat for _, lat, _ in outcome.finished])
+            jobs = [(j, lat, t) for (j, _, t), lat in zip(outcome.finished, host, strict=True)]
             try:
                 pairs = self._decode([lat for _, lat, _ in jobs])
                 finished = [(j, img, tok, t) for (j, _, t), (img, tok) in zip(jobs, pairs, strict=True)]

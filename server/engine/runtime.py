@@ -1,7 +1,9 @@
 """Loaded models behind the methods the engine calls (torch eager today; compiled / ONNX runtimes plug in
 behind the same methods). All calls are synchronous: the engine runs them in its device thread.
 
-Inputs and outputs are CPU float32 tensors; the runtime moves them to and from its device and dtype.
+Tokenizer inputs and outputs are CPU float32 tensors; the runtime moves them to and from its device and
+dtype. A generator's ``model_fn`` takes and returns tensors on the runtime's device (its sampler's rows live
+there); the generation loop copies finished rows back once (:func:`to_host`).
 """
 
 from __future__ import annotations
@@ -200,9 +202,17 @@ class GeneratorRuntime(Runtime):
                                                  cache_dir=self.export_dir).model_fn
 
     def model_fn(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The sampler's ``ModelFn``: x (N, L, C), t (N,), y (N,) int64 -> (N, L, C_out) float32 on CPU."""
+        """The sampler's ``ModelFn``: x (N, L, C), t (N,), y (N,) int64 -> (N, L, C_out) float32, on the
+        runtime's device both ways: the sampler's rows live there (:meth:`make_sampler`), so a step copies
+        nothing to the host (inputs elsewhere are moved to the device first)."""
         with torch.inference_mode():
-            return self._out(self._forward(self._in(x), self._in(t), y.to(self.device)))
+            out = self._forward(self._on_device(x), self._on_device(t), self._on_device(y))
+            return out.float() if out.dtype != torch.float32 else out
+
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != self.device.type or (self.device.index is not None and x.device != self.device):
+            x = x.to(self.device, non_blocking=True)
+        return x.to(self.dtype) if x.is_floating_point() and x.dtype != self.dtype else x
 
     @property
     def sampler_model(self) -> Any:
@@ -210,11 +220,13 @@ class GeneratorRuntime(Runtime):
         return self.model_fn if self.denoiser else _InferenceModule(self.module)
 
     def make_sampler(self, name: str, tokenizer: TokenizerRuntime | None = None) -> Any:
-        """The step sampler ``name`` for this generator: rows on the CPU for a ``model_fn`` family, on the
-        module's device and dtype otherwise; with the paired tokenizer when the family needs one."""
+        """The step sampler ``name`` for this generator, its rows (state, generators) on the runtime's
+        device: a ``model_fn`` family computes there in float64 / float32 and calls :meth:`model_fn`; a module
+        family also takes the module's dtype. With the paired tokenizer when the family needs one."""
         from models.sampling import get_sampler
 
-        kwargs: dict[str, Any] = {} if self.denoiser else {"device": self.device, "dtype": self.dtype}
+        kwargs: dict[str, Any] = {"device": self.device} if self.denoiser else {"device": self.device,
+                                                                                "dtype": self.dtype}
         if self.family.needs_tokenizer:
             if tokenizer is None:
                 raise ValueError(f"{self.spec.name}: a {self.spec.family} sampler needs its tokenizer")
@@ -236,6 +248,23 @@ def build_runtimes(specs: list[ModelSpec], settings: Settings) -> dict[str, Runt
         backend = choice.kind_for(spec.name)
         out[spec.name] = cls(spec, module, device, dtype, backend=backend, export_dir=settings.export_dir)
         log.info("loaded %s (%s, %s) on %s with %s", spec.name, spec.family, spec.source, device, backend)
+    return out
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Finished rows' tensors (latents on the runtime's device) in host memory: the one copy back of a
+    generation. CUDA tensors are copied into pinned buffers without blocking, all of them queued before one
+    wait for the copies; CPU tensors are returned as they are."""
+    out, streams = [], set()
+    for t in tensors:
+        if t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            streams.add(torch.cuda.current_stream(t.device))
+            t = host
+        out.append(t)
+    for s in streams:
+        s.synchronize()
     return out
 
 
