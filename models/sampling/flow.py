@@ -75,7 +75,7 @@ def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, path_
         raise ValueError(f"path_type {path_type!r} is not one of {PATH_TYPES}")
     ratio = alpha_t / d_alpha_t
     var = sigma_t**2 - ratio * d_sigma_t * sigma_t
-    return (ratio * v - x) / var
+    return (ratio * v).sub_(x).div_(var)  # (ratio v - x) / var in one buffer: the same operations
 
 
 def _velocity(model_fn: ModelFn, x: torch.Tensor, t: float, y: torch.Tensor, guide: bool, cfg_scale: float,
@@ -213,13 +213,17 @@ class FlowSampler:
         dt = (p[1] - tc).view(-1, 1, 1)
         x = torch.stack([r.x for r in rows])
 
+        # the arithmetic below works in place in buffers the step owns (d, eps): the official operations in
+        # the official order, without a fresh (N, L, C) float64 tensor per operation
         if self.name == "sde":
             eps = self._eps(rows, x)
             d = self._drift(model_fn, x, tc, y, guide, scale, paths, stats)
-            x_new = x + d * dt  # the last step's deterministic update (the official x + dt * d)
-            if eps is not None:  # eps is 0 on rows taking their last step
+            x_new = d.mul_(dt).add_(x)  # x + d * dt: the last step's update (the official x + dt * d)
+            if eps is not None:  # + sqrt(w) * (eps * sqrt|dt|), with eps = 0 on rows taking their last step
                 w = (2 * tc).view(-1, 1, 1)
-                x_new = x_new + torch.sqrt(w) * (eps * torch.sqrt(torch.abs(dt)))
+                x_new.add_(eps.mul_(torch.sqrt(torch.abs(dt))).mul_(torch.sqrt(w)))
+        elif self.name == "euler":
+            x_new = self._drift(model_fn, x, tc, y, guide, scale, paths, stats).mul_(dt).add_(x)  # x + dt * d
         else:
             d = self._drift(model_fn, x, tc, y, guide, scale, paths, stats)
             x_new = x + dt * d
@@ -253,25 +257,29 @@ class FlowSampler:
 
     def _drift(self, model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guide: list[bool],
                scale: torch.Tensor, paths: list[str], stats: StepStats) -> torch.Tensor:
-        """Guided velocity (ODE) or guided drift ``v - t * score`` (SDE) of rows x (N, L, C) float64."""
+        """Guided velocity (ODE) or guided drift ``v - t * score`` (SDE) of rows x (N, L, C) float64: a new
+        buffer, which the caller may overwrite."""
         c = x.shape[-1]
         out = guided_forward(model_fn, x.to(self.model_dtype), t.to(self.model_dtype), y, guide,
                              self.null_class, stats)
-        cond = out.cond[..., :c].to(torch.float64)
-        uncond = out.uncond[..., :c].to(torch.float64)
+        cond = out.cond[..., :c].to(torch.float64, copy=True)
+        uncond = out.uncond[..., :c].to(torch.float64, copy=True)
         if self.name == "sde":
             cond = self._sde_drift(cond, x, t, paths)
-            if uncond.shape[0]:
+            if uncond.shape[0] == x.shape[0]:  # every row guided: the copies are x itself
+                uncond = self._sde_drift(uncond, x, t, paths)
+            elif uncond.shape[0]:
                 gi = out.index
                 uncond = self._sde_drift(uncond, x[gi], t[gi], [p for p, g in zip(paths, guide, strict=True) if g])
-        return out.combine(cond, uncond, scale)
+        return out.combine(cond, uncond, scale, inplace=True)
 
     @staticmethod
     def _sde_drift(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, paths: list[str]) -> torch.Tensor:
+        """``v - 0.5 w score`` (w = 2t); with one path for the whole batch (the usual case) in place in v."""
         w = (2 * t).view(-1, 1, 1)
         kinds = set(paths)
-        if len(kinds) == 1:  # the usual case: one path for the whole batch, no gather / scatter
-            return v - 0.5 * w * score_from_velocity(v, x, t, paths[0])
+        if len(kinds) == 1:
+            return v.sub_(score_from_velocity(v, x, t, paths[0]).mul_(0.5 * w))
         d = torch.empty_like(v)
         for p in kinds:
             idx = to_device([i for i, q in enumerate(paths) if q == p], torch.long, v.device)

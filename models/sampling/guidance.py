@@ -34,14 +34,16 @@ class GuidedOutput:
     uncond: torch.Tensor
     index: torch.Tensor
 
-    def combine(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def combine(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Guide ``a`` (N, ...) with unconditional ``b`` (G, ...) on the guided rows:
-        ``b + s * (a - b)``; other rows keep ``a``. ``scale`` (N,) per-row guidance scales."""
+        ``b + s * (a - b)``; other rows keep ``a``. ``scale`` (N,) per-row guidance scales. ``inplace``: ``a``
+        is the caller's own buffer and may hold the result (the same operations, so the same values)."""
         if self.index.numel() == 0:
             return a
         if self.index.numel() == a.shape[0]:  # every row guided: index is 0 .. N-1, no gather or scatter
-            return b + scale.to(a.dtype).view(-1, *([1] * (a.dim() - 1))) * (a - b)
-        out = a.clone()
+            s = scale.to(a.dtype).view(-1, *([1] * (a.dim() - 1)))
+            return a.sub_(b).mul_(s).add_(b) if inplace else b + s * (a - b)
+        out = a if inplace else a.clone()
         s = scale[self.index].to(a.dtype).view(-1, *([1] * (a.dim() - 1)))
         ca = a[self.index]
         out[self.index] = b + s * (ca - b)
