@@ -7,7 +7,7 @@ decode, in images/s at batch 64, per fast-path variant, with the fp32-versus-var
 
 Time per image = (median sampling time of the batch + median decode time of the batch) / batch. Sampling
 runs through ``--api``: ``functional`` (the official-recipe samplers over the whole batch, noise on the
-device) or ``step`` (the server's :class:`~models.sampling.FlowSampler` rows, per-row CPU generators), or
+device) or ``step`` (the server's :class:`~models.sampling.FlowSampler` rows, per-row generators on the device), or
 ``both``. The unconditional pass runs only inside the guidance interval (so 422 model rows per image for
 250 SDE steps, not 500). fp32 sampling is timed over ``--fp32-steps`` steps and scaled by the model rows
 of the full schedule (marked ``extrapolated``). The error check samples ``--check-batch`` images with the
