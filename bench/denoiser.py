@@ -26,7 +26,8 @@ from bench.common import (
 )
 from bench.flops import generator_forward_flops
 from bench.report import Recorder, make_row, run_bench
-from models.fastpath import DEFAULT_BUCKETS, FastPath, FastPathConfig, choose_bucket, precision_context
+from export.runtime import make_runner
+from models.runtime import DEFAULT_BUCKETS, RunnerConfig, choose_bucket, precision_context
 
 MODEL, SMALL_MODEL = "sit-xl-64x32", "sit-tiny-64x32"
 VARIANTS = ("fp32", "tf32", "bf16-autocast", "bf16", "fp16", "bf16+graphs", "fp16+graphs")
@@ -71,9 +72,9 @@ def run(args: argparse.Namespace, device: torch.device, rec: Recorder) -> None:
         ref = model(*check)
     buckets = sorted({choose_bucket(n, DEFAULT_BUCKETS) for n in [*args.batches, args.check_batch]})
     for spec in args.variants:
-        fp = FastPath(FastPathConfig.parse(spec), device)
-        den = fp.denoiser(model, copy_module=True)
-        if fp.config.cuda_graphs and not den.use_graphs:
+        config = RunnerConfig.parse(spec)
+        den = make_runner(model, "denoiser", device, config=config, copy_module=True)  # the server's runner
+        if config.cuda_graphs and not den.use_graphs:
             rec.note(f"{spec}: no CUDA on {device}: eager with the same bucketing")
         report = den.warmup(buckets)
         rec.warmups.append({"model": args.model, "variant": spec, **vars(report)})

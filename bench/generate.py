@@ -35,7 +35,8 @@ from bench.common import (
 )
 from bench.flops import forwards_per_image, generation_flops
 from bench.report import Recorder, make_row, run_bench
-from models.fastpath import DEFAULT_BUCKETS, FastPath, FastPathConfig, choose_bucket, precision_context
+from export.runtime import make_runner
+from models.runtime import DEFAULT_BUCKETS, RunnerConfig, choose_bucket, precision_context
 from models.sampling import (
     FlowSampler,
     SampleRequest,
@@ -152,10 +153,10 @@ def bench_variant(spec: str, sit: torch.nn.Module, tok: torch.nn.Module, refs: d
     """Warm up one variant (graph capture / compilation), time its decode, then each sampler x API."""
     gcfg, tcfg = sit.config, tok.config
     seed = args.seed + 1000
-    fp = FastPath(FastPathConfig.parse(spec), device)
-    den = fp.denoiser(sit, copy_module=True)
-    dec = fp.tokenizer(tok, copy_module=True).decoder
-    if fp.config.cuda_graphs and not den.use_graphs:
+    config = RunnerConfig.parse(spec)
+    den = make_runner(sit, "denoiser", device, config=config, copy_module=True)  # the server's runners
+    dec = make_runner(tok, "decoder", device, config=config, copy_module=True)
+    if config.cuda_graphs and not den.use_graphs:
         rec.note(f"{spec}: no CUDA on {device}: eager with the same bucketing")
     model_rows = (args.batch, 2 * args.batch, args.check_batch, 2 * args.check_batch)
     for runner, sizes in ((den, model_rows), (dec, (args.batch, args.check_batch))):
@@ -166,7 +167,7 @@ def bench_variant(spec: str, sit: torch.nn.Module, tok: torch.nn.Module, refs: d
     tokens = tok.denormalize_latents(torch.randn(args.batch, gcfg.num_tokens, gcfg.token_dim, generator=g,
                                                  device=device)).float()
     t_dec = measure(partial(dec, tokens), device, warmup=2, repeats=max(3, args.repeats))
-    shortened = fp.config.precision == "fp32" and not args.small and args.fp32_steps < args.steps
+    shortened = config.precision == "fp32" and not args.small and args.fp32_steps < args.steps
     timed_steps = args.fp32_steps if shortened else args.steps
     for s in args.samplers:
         errs = errors(sample_functional(den, gcfg, args, s, args.check_batch, seed, args.steps, device), refs[s])

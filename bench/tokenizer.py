@@ -11,6 +11,7 @@ the plain fp32 model (TF32 off) and reports max |diff| and ||diff|| / ||fp32||.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from functools import partial
 
@@ -27,7 +28,8 @@ from bench.common import (
 )
 from bench.flops import softvq_decode_flops, softvq_encode_flops
 from bench.report import Recorder, make_row, run_bench
-from models.fastpath import FastPath, FastPathConfig, choose_bucket, precision_context
+from export.runtime import make_runners
+from models.runtime import DEFAULT_BUCKETS, RunnerConfig, choose_bucket, precision_context
 
 MODELS = ("softvq-bl-64", "softvq-l-64", "softvq-bl-32", "softvq-bl-64-512")
 VARIANTS = ("fp32", "bf16-autocast", "bf16", "bf16+graphs", "bf16+cl+graphs")
@@ -66,20 +68,22 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, rec: 
         ref_tokens = model.encode(check)
         ref_images = model.decode(ref_tokens)
         tokens = {b: model.encode(x) for b, x in images.items()}
-    buckets = sorted({choose_bucket(n, FastPathConfig().buckets) for n in [*args.batches, args.check_batch]})
+    buckets = sorted({choose_bucket(n, DEFAULT_BUCKETS) for n in [*args.batches, args.check_batch]})
     for spec in args.variants:
-        fp = FastPath(FastPathConfig.parse(spec), device)
-        tok = fp.tokenizer(model, copy_module=True)
-        if fp.config.cuda_graphs and not tok.encoder.use_graphs:
+        config = RunnerConfig.parse(spec)
+        # the runners the server builds (export.runtime.make_runners), on a copy prepared for this variant
+        tok = make_runners(copy.deepcopy(model), ("encoder", "decoder"), device, config=config)
+        if config.cuda_graphs and not tok["encoder"].use_graphs:
             rec.note(f"{spec}: no CUDA on {device}: eager with the same bucketing")
-        for report in tok.warmup(buckets):
-            rec.warmups.append({"model": name, "variant": spec, **vars(report)})
-        errs = {"encode": errors(tok.encode(check), ref_tokens), "decode": errors(tok.decode(ref_tokens), ref_images)}
+        for runner in tok.values():
+            rec.warmups.append({"model": name, "variant": spec, **vars(runner.warmup(buckets))})
+        errs = {"encode": errors(tok["encoder"](check), ref_tokens),
+                "decode": errors(tok["decoder"](ref_tokens), ref_images)}
         for op in args.ops:
             for b in args.batches:
-                fn = partial(tok.encode, images[b]) if op == "encode" else partial(tok.decode, tokens[b])
-                t = measure(fn, device, warmup=args.warmup, repeats=args.repeats)
-                runner = tok.encoder if op == "encode" else tok.decoder
+                runner = tok["encoder" if op == "encode" else "decoder"]
+                t = measure(partial(runner, images[b] if op == "encode" else tokens[b]), device,
+                            warmup=args.warmup, repeats=args.repeats)
                 rec.add(make_row(name, op, spec, b, t, flops[op], rec.peak["tflops"], f"{op}/{name}", errs[op],
                                  image_size=size, mode=runner.mode, compile=runner.compile_note))
         del tok

@@ -1,6 +1,7 @@
 """Export of tokenizer encoders/decoders and generator denoiser steps to ONNX and TorchScript, with parity
-checks, and the runtimes (torch, torch-compile, torchscript, onnx) the server loads them with.
+checks, and the factory of the runners (``models.runtime``) the server, the benchmarks and export load
+them with.
 
     python -m export --model softvq-s-64 --out exports/softvq-s-64
-    from export.runtime import load_runtime, TokenizerRuntime, DenoiserRuntime
+    from export.runtime import make_runner, make_runners
 """

@@ -29,7 +29,8 @@ from export.inputs import random_inputs, random_weights_model
 from export.metadata import is_export_dir
 from export.parity import compare
 from export.parts import DEFAULT_PARTS, build_part, model_facts
-from export.runtime import FORMAT_OF_KIND, RUNTIME_KINDS, RuntimeUnavailable, load_runtime, resolve_model
+from export.runtime import FORMAT_OF_KIND, RUNTIME_KINDS, make_runner, resolve_model
+from models.runtime import RuntimeUnavailable
 
 SHIPPED = ("softvq-s-64", "sit-s-64x32")
 PART_LABEL = {"encoder": "encode", "decoder": "decode", "denoiser": "denoiser step",
@@ -98,8 +99,8 @@ def bench_model(name: str, runtimes: list[str], batches: list[int], device: torc
             reference = None
             for kind in ["torch"] + [k for k in runtimes if k != "torch"]:
                 try:
-                    rt = load_runtime(kind, model if kind in ("torch", "torch-compile")
-                                      else source, part, device, threads=threads)
+                    rt = make_runner(source if kind in FORMAT_OF_KIND else model, part, device,
+                                     runtime=kind, threads=threads, copy_module=True)
                     sec, out = time_calls(rt, args, device, warmup=warmup, repeats=repeats, min_time=min_time)
                 except RuntimeUnavailable as e:
                     print(f"# {name} {part} {kind}: unavailable ({e})", file=sys.stderr)

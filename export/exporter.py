@@ -24,7 +24,8 @@ from export.inputs import noised_latents, random_inputs, real_images
 from export.metadata import MODEL_DIR, ExportMetadata, file_name
 from export.parity import DEFAULT_TOLERANCE, ParityError, ParityResult, check_parity
 from export.parts import DEFAULT_PARTS, PartSpec, build_part, model_facts, tokenizer_facts
-from export.runtime import OnnxRuntime, Runtime, TorchScriptRuntime
+from export.runtime import input_specs
+from models.runtime import ModelRunner, OnnxRunner, TorchScriptRunner
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,11 @@ def parity_cases(model: nn.Module, part: str, spec: PartSpec, facts: dict[str, A
     return cases
 
 
-def open_exported(folder: Path, part: str, fmt: str, spec: PartSpec) -> Runtime:
+def open_exported(folder: Path, part: str, fmt: str, spec: PartSpec) -> ModelRunner:
+    """The CPU runner of an exported file (the parity check runs what the server runs)."""
     path = folder / file_name(part, fmt)
-    return OnnxRuntime(path, spec, "cpu") if fmt == "onnx" else TorchScriptRuntime(path, spec, "cpu")
+    runner = OnnxRunner if fmt == "onnx" else TorchScriptRunner
+    return runner(path, part, input_specs(spec), "cpu")
 
 
 def export_model(model: nn.Module, out_dir: str | os.PathLike[str], *, source: str = "",

@@ -1,22 +1,23 @@
-"""Runtimes: one loaded model part behind PyTorch eager, ``torch.compile``, TorchScript or ONNX Runtime.
+"""The one runner factory: a model part behind the runner a ``TOKSERVE_RUNTIME`` / ``TOKSERVE_DTYPE`` setting
+names, exporting it first when that runner runs an exported file.
 
-The server calls every runtime the same way::
+    enc = make_runner("exports/softvq-s-64", "encoder", "cpu", runtime="onnx")     # a models.runtime runner
+    tokens = enc(images)                                                          # (B, 3, H, W) -> (B, L, D)
+    runners = make_runners(tokenizer, ("encoder", "decoder"), "cpu", runtime="torchscript")   # one export
+    den = make_runner(generator, "denoiser", "cuda", runtime="auto")               # bf16+compile+graphs there
+    v = den(x, t, y)                                                              # a sampler ``model_fn``
 
-    rt = load_runtime("onnx", "exports/softvq-s-64", "encoder", "cpu")
-    tokens = rt(images)                                    # (B, 3, H, W) -> (B, L, D)
+The runners themselves (:class:`~models.runtime.ModelRunner`: PyTorch eager / compile / bf16 / CUDA graphs,
+TorchScript, ONNX Runtime, and ``auto``'s choice between them) live in :mod:`models.runtime`; this module adds
+what only export/ can do: turn a model into an export folder (content-addressed, parity-checked) for the
+file runners. ``source`` may be a loaded ``nn.Module``, a checkpoint folder (``config.json`` + safetensors), an
+export folder (``export.json``, written by ``python -m export``) or a registry name (random weights; for
+tests). TorchScript and ONNX runners built from a model (not an export folder) export it first, with the
+parity check, into ``cache_dir`` (a fresh temporary folder by default).
 
-    tok = TokenizerRuntime.load("torchscript", "exports/softvq-s-64", "cpu")
-    tokens, images = tok.encode(images), tok.decode(tokens)
-    den = DenoiserRuntime.load("torch", generator_model, "cuda")
-    out = den(x, t, y)                                     # a sampler ``model_fn``
-
-``source`` may be a loaded ``nn.Module``, a checkpoint folder (``config.json`` + safetensors), an export folder
-(``export.json``, written by ``python -m export``) or a registry name (random weights; for tests). TorchScript
-and ONNX runtimes built from a model (not an export folder) export it first, with the parity check, into
-``cache_dir`` (a fresh temporary folder by default).
-
-Every runtime casts its inputs to the part's declared dtypes (float32, int64 for classes) and device, and
-returns float32 on the runtime's device, so results do not depend on the runtime beyond the parity tolerance.
+Every runner casts its inputs to the part's declared dtypes (float32 or the compute dtype, int64 for classes)
+and device, and returns float32 on the runner's device, so results do not depend on the runner beyond the
+parity tolerance (float32) or the reduced-precision tolerance (bf16 / fp16).
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,127 +38,28 @@ import torch.nn as nn
 
 from export.metadata import MODEL_DIR, is_export_dir, read_metadata
 from export.parts import PartSpec, build_part, model_facts
+from models.runtime import (
+    TORCH_PARTS,
+    BatchDispatchRunner,
+    InputSpec,
+    ModelRunner,
+    OnnxRunner,
+    RunnerConfig,
+    RuntimeUnavailable,
+    TorchScriptRunner,
+    auto_dtype,
+    auto_plan,
+    choose_bucket,
+    torch_runner,
+)
 
-RUNTIME_KINDS = ("torch", "torch-compile", "torchscript", "onnx")
+RUNTIME_KINDS = ("auto", "torch", "torch-compile", "torchscript", "onnx")
 FORMAT_OF_KIND = {"torchscript": "torchscript", "onnx": "onnx"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 RUNTIME_ENV = "TOKSERVE_RUNTIME"
 log = logging.getLogger("tokserve.export")
 
 Source = nn.Module | str | os.PathLike[str]
-
-
-class RuntimeUnavailable(RuntimeError):
-    """The runtime cannot run here (no C++ compiler for torch.compile, missing export file ...)."""
-
-
-class Runtime(ABC):
-    """A callable part: ``rt(*tensors) -> tensor``; ``name`` says what runs it (e.g. ``onnx[CPU]``)."""
-
-    kind: str
-
-    def __init__(self, part: str, spec: PartSpec, device: str | torch.device) -> None:
-        self.part = part
-        self.spec = spec
-        self.device = torch.device(device)
-
-    @property
-    def name(self) -> str:
-        return self.kind
-
-    def _prepare(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        if len(tensors) != len(self.spec.inputs):
-            names = [s.name for s in self.spec.inputs]
-            raise TypeError(f"{self.part} takes {len(names)} tensors {names}, got {len(tensors)}")
-        return [torch.as_tensor(x).to(device=self.device, dtype=s.torch_dtype).contiguous()
-                for x, s in zip(tensors, self.spec.inputs, strict=True)]
-
-    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self._run(*self._prepare(tensors)).float()
-
-    @abstractmethod
-    def _run(self, *tensors: torch.Tensor) -> torch.Tensor: ...
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.part} {self.name} on {self.device}>"
-
-
-class TorchRuntime(Runtime):
-    """PyTorch eager, or ``torch.compile`` with ``compile=True`` (compiled lazily on the first call)."""
-
-    def __init__(self, module: nn.Module, spec: PartSpec, device: str | torch.device = "cpu", *,
-                 compile: bool = False, compile_mode: str | None = None) -> None:
-        super().__init__(spec.name, spec, device)
-        self.module = module.to(self.device).eval()
-        self.kind = "torch-compile" if compile else "torch"
-        if compile:
-            if not torch_compile_available(self.device):
-                raise RuntimeUnavailable(f"torch.compile is not available on {self.device} here")
-            self._fn: Callable[..., torch.Tensor] = torch.compile(self.module, mode=compile_mode)
-        else:
-            self._fn = self.module
-
-    def _run(self, *tensors: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self._fn(*tensors)
-
-
-class TorchScriptRuntime(Runtime):
-    kind = "torchscript"
-
-    def __init__(self, path: str | os.PathLike[str], spec: PartSpec, device: str | torch.device = "cpu") -> None:
-        super().__init__(spec.name, spec, device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream (torch 2.x)
-            self.module = torch.jit.load(str(path), map_location=self.device).eval()
-
-    def _run(self, *tensors: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.module(*tensors)
-
-
-class OnnxRuntime(Runtime):
-    """onnxruntime with the CUDA execution provider on a CUDA device when installed (onnxruntime-gpu), else CPU.
-
-    Inputs and outputs go through host memory (numpy); outputs are moved back to ``device``.
-    """
-
-    kind = "onnx"
-
-    def __init__(self, path: str | os.PathLike[str], spec: PartSpec, device: str | torch.device = "cpu", *,
-                 threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        super().__init__(spec.name, spec, device)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
-        if self.device.type == "cuda" and "CUDAExecutionProvider" in available:
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        self.providers = self.session.get_providers()
-        self._names = [i.name for i in self.session.get_inputs()]
-
-    @property
-    def name(self) -> str:
-        return f"onnx[{self.providers[0].removesuffix('ExecutionProvider')}]"
-
-    def _run(self, *tensors: torch.Tensor) -> torch.Tensor:
-        feeds = {n: t.detach().cpu().numpy() for n, t in zip(self._names, tensors, strict=True)}
-        (out,) = self.session.run(None, feeds)
-        return torch.from_numpy(out).to(self.device)
-
-
-def torch_compile_available(device: str | torch.device = "cpu") -> bool:
-    """``torch.compile`` needs a C++ compiler on the CPU, and triton on CUDA."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        import importlib.util
-
-        return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -260,23 +160,133 @@ def ensure_export(source: Source, fmt: str, parts: tuple[str, ...], cache_dir: s
     return out
 
 
-def load_runtime(kind: str, source: Source, part: str, device: str | torch.device = "cpu", *,
-                 cache_dir: str | os.PathLike[str] | None = None, threads: int | None = None,
-                 **export_kw: Any) -> Runtime:
-    """Load ``part`` (encoder, decoder, denoiser, denoiser_cfg) of ``source`` behind runtime ``kind``."""
-    if kind not in RUNTIME_KINDS:
-        raise ValueError(f"runtime kind must be one of {RUNTIME_KINDS}, got {kind!r}")
-    if kind in ("torch", "torch-compile"):
-        module, spec = build_part(resolve_model(source), part)
-        return TorchRuntime(module, spec, device, compile=kind == "torch-compile")
-    fmt = FORMAT_OF_KIND[kind]
-    folder = ensure_export(source, fmt, (part,), cache_dir, **export_kw)
+# ---------------------------------------------------------------------------------------------- the factory
+
+
+def input_specs(spec: PartSpec) -> tuple[InputSpec, ...]:
+    """A part's declared inputs (``"B"`` first) as runner input specs (per-row shape, dtype)."""
+    return tuple(InputSpec(tuple(int(d) for d in s.shape[1:]), s.torch_dtype, 0) for s in spec.inputs)
+
+
+def open_file_runner(kind: str, folder: str | os.PathLike[str], part: str, device: str | torch.device = "cpu", *,
+                     threads: int | None = None) -> ModelRunner:
+    """The ``onnx`` / ``torchscript`` runner of ``part`` in export folder ``folder``."""
     meta = read_metadata(folder)
-    path = folder / meta.files[part][fmt]
-    spec = meta.parts[part]
+    fmt = FORMAT_OF_KIND[kind]
+    if fmt not in meta.files.get(part, {}):
+        raise RuntimeUnavailable(f"{folder}: no {fmt} export of {part!r}; re-export with --formats {fmt}")
+    path = Path(folder) / meta.files[part][fmt]
+    specs = input_specs(meta.parts[part])
     if kind == "onnx":
-        return OnnxRuntime(path, spec, device, threads=threads)
-    return TorchScriptRuntime(path, spec, device)
+        return OnnxRunner(path, part, specs, device, threads=threads)
+    return TorchScriptRunner(path, part, specs, device)
+
+
+def trim_buckets(config: RunnerConfig, max_batch: int | None) -> RunnerConfig:
+    """``config`` with no bucket above the one holding ``max_batch`` rows (no graph is captured for batch
+    sizes a server never runs; a larger call is chunked)."""
+    if max_batch is None or config.buckets is None:
+        return config
+    top = choose_bucket(max_batch, config.buckets)
+    return config.with_changes(buckets=tuple(b for b in config.buckets if b <= top))
+
+
+def _torch_part(model: nn.Module, part: str, device: torch.device, config: RunnerConfig, *, pad_class: int,
+                copy_module: bool, require_compile: bool, max_batch: int | None = None) -> ModelRunner:
+    config = trim_buckets(config, max_batch)
+    if part in TORCH_PARTS:
+        return torch_runner(model, part, device, config, pad_class=pad_class, copy_module=copy_module,
+                            require_compile=require_compile)
+    _, spec = build_part(model, part)  # e.g. denoiser_cfg: the guided wrapper around the prepared model
+    wrapped = [s if s.dtype != torch.float32 or i else InputSpec(s.row_shape, config.weight_dtype)
+               for i, s in enumerate(input_specs(spec))]
+    return torch_runner(model, part, device, config, copy_module=copy_module, require_compile=require_compile,
+                        fn=lambda m: build_part(m, part)[0], specs=wrapped)
+
+
+def make_runner(source: Source, part: str, device: str | torch.device = "cpu", *, runtime: str = "torch",
+                dtype: str | torch.dtype = "float32", config: RunnerConfig | str | None = None,
+                cache_dir: str | os.PathLike[str] | None = None, threads: int | None = None, exact: bool = False,
+                pad_class: int = 0, copy_module: bool = False, max_batch: int | None = None,
+                export_folder: str | os.PathLike[str] | None = None, **export_kw: Any) -> ModelRunner:
+    """``part`` (encoder, decoder, denoiser, denoiser_cfg) of ``source`` behind ``runtime``:
+
+    * ``torch``: eager PyTorch in ``dtype`` (``float32``, ``bfloat16``, ``float16``, ``auto``);
+    * ``torch-compile``: the same under ``torch.compile`` (:class:`RuntimeUnavailable` where it cannot run);
+    * ``torchscript`` / ``onnx``: the exported float32 graph (exported into ``cache_dir`` when ``source`` is not
+      an export folder holding it);
+    * ``auto``: :func:`models.runtime.auto_plan` (``exact`` keeps eager PyTorch on the CPU);
+
+    or, with ``config`` (a :class:`RunnerConfig` or a variant string such as ``bf16+compile+graphs``), exactly
+    that PyTorch runner (the benchmarks' variants). A module ``source`` is prepared in place (moved, cast)
+    unless ``copy_module``. ``max_batch``: the most rows a call will have (bucketed runners capture no larger
+    bucket); ``pad_class``: the class of a denoiser's padding rows; ``export_folder``: an ONNX export of the
+    part ``auto`` may use instead of exporting (:func:`make_runners` exports all parts once).
+    """
+    dev = torch.device(device)
+    tkw: dict[str, Any] = {"pad_class": pad_class, "copy_module": copy_module, "max_batch": max_batch}
+    if config is not None:
+        cfg = RunnerConfig.parse(config) if isinstance(config, str) else config
+        return _torch_part(resolve_model(source), part, dev, cfg, require_compile=False, **tkw)
+    if runtime not in RUNTIME_KINDS:
+        raise ValueError(f"runtime kind must be one of {RUNTIME_KINDS}, got {runtime!r}")
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if runtime in FORMAT_OF_KIND:
+        if dtype not in ("float32", "auto") or (dtype == "auto" and auto_dtype(dev) != "float32"):
+            log.warning("%s runs the float32 export; TOKSERVE_DTYPE=%s does not apply to it", runtime, dtype)
+        folder = ensure_export(source, FORMAT_OF_KIND[runtime], (part,), cache_dir, **export_kw)
+        return open_file_runner(runtime, folder, part, dev, threads=threads)
+    model = resolve_model(source)
+    if runtime == "auto":
+        plan = auto_plan(model, part, dev, dtype=dtype, exact=exact)
+        log.info("auto runtime for %s %s on %s: %s", type(model).__name__, part, dev, plan.reason)
+        eager = None
+        if not plan.onnx_everywhere:
+            eager = _torch_part(model, part, dev, plan.config, require_compile=False, **tkw)
+        if plan.onnx is None:
+            assert eager is not None
+            return eager
+        try:
+            folder = export_folder or ensure_export(model, "onnx", (part,), cache_dir, **export_kw)
+            onnx = open_file_runner("onnx", folder, part, dev, threads=threads)
+        except Exception as e:  # noqa: BLE001 - no onnx, a failed export or parity check: stay on PyTorch
+            log.warning("auto runtime for %s %s: ONNX Runtime unavailable (%s: %s); running PyTorch",
+                        type(model).__name__, part, type(e).__name__, e)
+            return eager or _torch_part(model, part, dev, plan.config, require_compile=False, **tkw)
+        if eager is None:
+            return onnx
+        return BatchDispatchRunner(onnx, eager, *plan.onnx)
+    dtype = auto_dtype(dev) if dtype == "auto" else dtype
+    cfg = RunnerConfig.for_dtype(dtype, compile=runtime == "torch-compile")
+    return _torch_part(model, part, dev, cfg, require_compile=runtime == "torch-compile", **tkw)
+
+
+_RUNNER_KW = ("dtype", "config", "threads", "exact", "pad_class", "copy_module", "max_batch", "export_folder")
+
+
+def make_runners(source: Source, parts: Sequence[str], device: str | torch.device = "cpu", *,
+                 runtime: str = "torch", cache_dir: str | os.PathLike[str] | None = None,
+                 **kw: Any) -> dict[str, ModelRunner]:
+    """:func:`make_runner` for several parts of one model (a tokenizer's encoder and decoder), exporting them
+    together once for a file runtime."""
+    if runtime in FORMAT_OF_KIND and kw.get("config") is None:
+        source = ensure_export(source, FORMAT_OF_KIND[runtime], tuple(parts), cache_dir,
+                               **{k: v for k, v in kw.items() if k not in _RUNNER_KW})
+    elif not isinstance(source, nn.Module):
+        source = resolve_model(source)
+    if runtime == "auto" and kw.get("config") is None and isinstance(source, nn.Module):
+        plans = {p: auto_plan(source, p, device, dtype=str(kw.get("dtype", "float32")).removeprefix("torch."),
+                              exact=bool(kw.get("exact", False))) for p in parts}
+        onnx_parts = tuple(p for p in parts if plans[p].onnx is not None)
+        if len(onnx_parts) > 1:
+            try:
+                kw["export_folder"] = ensure_export(source, "onnx", onnx_parts, cache_dir,
+                                                    **{k: v for k, v in kw.items() if k not in _RUNNER_KW})
+            except Exception as e:  # noqa: BLE001 - each part then tries alone, and falls back to PyTorch
+                log.warning("auto runtime: exporting %s failed (%s: %s)", ", ".join(onnx_parts), type(e).__name__, e)
+    return {p: make_runner(source, p, device, runtime=runtime, cache_dir=cache_dir, **kw) for p in parts}
 
 
 def source_facts(source: Source) -> dict[str, Any]:
@@ -284,60 +294,6 @@ def source_facts(source: Source) -> dict[str, Any]:
     if not isinstance(source, nn.Module) and is_export_dir(source):
         return dict(read_metadata(source).facts)
     return model_facts(resolve_model(source))
-
-
-# ---------------------------------------------------------------------------------------------- wrappers
-
-
-@dataclass
-class TokenizerRuntime:
-    """``encode(images (B, 3, H, W)) -> tokens (B, L, D)`` and ``decode(tokens) -> images``, plus the facts
-    (``image_size``, ``token_shape``, ``vq_mean``, ``vq_std``) the server needs."""
-
-    encode: Callable[[torch.Tensor], torch.Tensor]
-    decode: Callable[[torch.Tensor], torch.Tensor]
-    facts: dict[str, Any] = field(default_factory=dict)
-    name: str = "custom"
-
-    @classmethod
-    def load(cls, kind: str, source: Source, device: str | torch.device = "cpu", **kw: Any) -> TokenizerRuntime:
-        if kind in FORMAT_OF_KIND:  # export both parts once
-            source = ensure_export(source, FORMAT_OF_KIND[kind], ("encoder", "decoder"), kw.pop("cache_dir", None),
-                                   **{k: v for k, v in kw.items() if k != "threads"})
-            kw = {k: v for k, v in kw.items() if k == "threads"}
-        elif not isinstance(source, nn.Module):
-            source = resolve_model(source)
-        enc = load_runtime(kind, source, "encoder", device, **kw)
-        dec = load_runtime(kind, source, "decoder", device, **kw)
-        return cls(enc, dec, source_facts(source), enc.name)
-
-
-@dataclass
-class DenoiserRuntime:
-    """A sampler ``model_fn``: ``self(x (B, L, C), t (B,), y (B,)) -> (B, L, C_out)``; optionally a guided
-    variant ``guided(x, t, y, cfg_scale)`` (one forward of batch 2B)."""
-
-    model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    guided: Callable[..., torch.Tensor] | None = None
-    facts: dict[str, Any] = field(default_factory=dict)
-    name: str = "custom"
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.model_fn(x, t, y)
-
-    @classmethod
-    def load(cls, kind: str, source: Source, device: str | torch.device = "cpu", *, with_guided: bool = False,
-             **kw: Any) -> DenoiserRuntime:
-        parts = ("denoiser", "denoiser_cfg") if with_guided else ("denoiser",)
-        if kind in FORMAT_OF_KIND:
-            source = ensure_export(source, FORMAT_OF_KIND[kind], parts, kw.pop("cache_dir", None),
-                                   **{k: v for k, v in kw.items() if k != "threads"})
-            kw = {k: v for k, v in kw.items() if k == "threads"}
-        elif not isinstance(source, nn.Module):
-            source = resolve_model(source)
-        den = load_runtime(kind, source, "denoiser", device, **kw)
-        guided = load_runtime(kind, source, "denoiser_cfg", device, **kw) if with_guided else None
-        return cls(den, guided, source_facts(source), den.name)
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -351,7 +307,7 @@ class RuntimeChoice:
     default, the two named models on their own runtime.
     """
 
-    default: str = "torch"
+    default: str = "auto"
     per_model: Mapping[str, str] = field(default_factory=dict)
 
     def kind_for(self, model_name: str) -> str:
@@ -359,8 +315,8 @@ class RuntimeChoice:
 
 
 def parse_runtime_setting(value: str | None) -> RuntimeChoice:
-    """Parse ``TOKSERVE_RUNTIME``-style text (see :class:`RuntimeChoice`); empty means ``torch``."""
-    default, per_model = "torch", {}
+    """Parse ``TOKSERVE_RUNTIME``-style text (see :class:`RuntimeChoice`); empty means ``auto``."""
+    default, per_model = "auto", {}
     for item in (value or "").replace(";", ",").split(","):
         item = item.strip()
         if not item:
@@ -377,19 +333,19 @@ def parse_runtime_setting(value: str | None) -> RuntimeChoice:
 
 
 __all__ = [
+    "DTYPES",
     "RUNTIME_ENV",
     "RUNTIME_KINDS",
-    "DenoiserRuntime",
-    "OnnxRuntime",
-    "Runtime",
     "RuntimeChoice",
     "RuntimeUnavailable",
-    "TokenizerRuntime",
-    "TorchRuntime",
-    "TorchScriptRuntime",
-    "load_runtime",
+    "ensure_export",
+    "export_cache_key",
+    "input_specs",
+    "make_runner",
+    "make_runners",
+    "open_file_runner",
+    "trim_buckets",
     "parse_runtime_setting",
     "resolve_model",
     "source_facts",
-    "torch_compile_available",
 ]

@@ -47,7 +47,9 @@ class Settings(BaseSettings):
     default_tokenizer: str | None = Field(None, description="Tokenizer used when a request names none.")
     default_generator: str | None = Field(None, description="Generator used when a request names none.")
     device: str = Field("auto", description="`auto` (cuda when available), `cpu`, `cuda`, `cuda:1` ...")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Model compute dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model compute dtype: `auto` (bfloat16 on CUDA, float32 on the CPU), `float32`, "
+        "`bfloat16` or `float16` (weights cast, the time embedder and soft quantizer kept float32; CPU too).")
     allow_pickle: bool = Field(False, description="Allow pickle checkpoints, read with torch.load(weights_only=True) "
                                "(tensors and plain containers only; anything else is refused).")
     unsafe_unpickle_runs_code: bool = Field(
@@ -56,9 +58,12 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Run every model once before reporting ready.")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the worker.")
     runtime: str = Field(
-        "torch",
-        description="Model runtime: `torch` (eager), `torch-compile`, `torchscript` or `onnx` (onnxruntime: CUDA "
-        "provider with onnxruntime-gpu, else CPU); per model: `torch,default-tokenizer=onnx`.",
+        "auto",
+        description="Model runtime (models.runtime runners): `auto` (CUDA: bf16 + torch.compile + CUDA graphs; "
+        "CPU: eager torch, or ONNX Runtime where a recorded measurement found it faster for that model and "
+        "batch size, unless `attention=exact` or `batch_invariant`), `torch` (eager), `torch-compile`, "
+        "`torchscript` or `onnx` (onnxruntime: CUDA provider with onnxruntime-gpu, else CPU); per model: "
+        "`torch,default-tokenizer=onnx`.",
     )
     attention: Literal["sdpa", "exact"] = Field(
         "sdpa",

@@ -68,7 +68,10 @@ class Engine:
         log.info("engine ready: %s", ", ".join(loop.kind for loop in self.loops))
 
     def _warmup(self) -> None:
-        """One call of every model (first-call allocations, lazy inits) before reporting ready."""
+        """Every runner's warm-up (compilation, CUDA graph capture), then one call of every model (first-call
+        allocations, lazy inits) before reporting ready."""
+        for rt in self.runtimes.values():
+            rt.warmup()
         for rt in self.runtimes.values():
             spec = rt.spec
             if isinstance(rt, TokenizerRuntime):

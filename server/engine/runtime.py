@@ -1,7 +1,9 @@
-"""Loaded models behind the methods the engine calls (torch eager today; compiled / ONNX runtimes plug in
-behind the same methods). All calls are synchronous: the engine runs them in its device thread.
+"""Loaded models behind the methods the engine calls: per model kind (tokenizer, generator) a thin adapter
+over the runners of the one runtime layer (:mod:`models.runtime`, built by :func:`export.runtime.make_runner`
+from ``TOKSERVE_RUNTIME`` / ``TOKSERVE_DTYPE``). All calls are synchronous: the engine runs them in its
+device thread.
 
-Tokenizer inputs and outputs are CPU float32 tensors; the runtime moves them to and from its device and
+Tokenizer inputs and outputs are CPU float32 tensors; the runners move them to and from their device and
 dtype. A generator's ``model_fn`` takes and returns tensors on the runtime's device (its sampler's rows live
 there); the generation loop copies finished rows back once (:func:`to_host`).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -20,12 +23,14 @@ import torch
 import torch.nn as nn
 
 from models.latent_norm import denormalize_latents
+from models.runtime import ModelRunner
 from server.engine.specs import ModelSpec
 from server.settings import Settings
 
 log = logging.getLogger("tokserve.runtime")
 RANDOM_WEIGHTS_SEED = 0  # registry models get the same random weights in every process
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,59 +88,83 @@ def enliven(module: nn.Module, std: float = 0.1) -> nn.Module:
 
 
 class Runtime:
-    """A model on a device, called without autograd. ``backend`` (``torch``, ``torch-compile``,
-    ``torchscript``, ``onnx``) selects what runs the calls; the other backends are exported from ``module``
-    with a parity check (``export.runtime``), so results agree with eager torch within its tolerance."""
+    """A served model on a device, called without autograd: the model parts the engine calls (its
+    :class:`~models.runtime.ModelRunner` runners, built by :func:`export.runtime.make_runner` from
+    ``backend``: ``auto``, ``torch``, ``torch-compile``, ``torchscript``, ``onnx``) and the module itself.
+    Exported backends are exported from ``module`` with a parity check, so results agree with eager torch
+    within its tolerance; a reduced ``dtype`` (bf16 / fp16, CPU included) within the reduced-precision one.
+    ``exact`` keeps ``auto`` on eager PyTorch on the CPU (exact attention, batch-invariant serving)."""
 
     def __init__(self, spec: ModelSpec, module: nn.Module, device: torch.device, dtype: torch.dtype,
-                 backend: str = "torch", export_dir: str | None = None) -> None:
-        self.name = "torch-eager" if backend == "torch" else backend
+                 backend: str = "auto", export_dir: str | None = None, *, exact: bool = False,
+                 max_batch: int | None = None) -> None:
         self.backend = backend
         self.export_dir = None if export_dir is None else f"{export_dir}/{spec.name}-{backend}"
-        if device.type == "cpu" and dtype != torch.float32:
-            log.warning("%s: %s on CPU is slow or unsupported; using float32", spec.name, dtype)
-            dtype = torch.float32
         self.spec = spec
         self.device = device
         self.dtype = dtype
-        self.module = module.to(device=device, dtype=dtype).eval()
+        self.exact = exact
+        self.max_batch = max_batch
+        self.module = module.to(device).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self.runners: dict[str, ModelRunner] = {}
+        self.name = "torch-eager"
+
+    def _make_runners(self, parts: tuple[str, ...], **kw: Any) -> dict[str, ModelRunner]:
+        from export.runtime import make_runners
+
+        self.runners = make_runners(self.module, parts, self.device, runtime=self.backend,
+                                    dtype=str(self.dtype).removeprefix("torch."), cache_dir=self.export_dir,
+                                    exact=self.exact, max_batch=self.max_batch, **kw)
+        names = list(dict.fromkeys(runner_label(r) for r in self.runners.values()))
+        self.name = "/".join(names)
+        return self.runners
+
+    def warmup(self) -> None:
+        """Pay every runner's first-call costs (compilation, CUDA graph capture) before serving."""
+        for runner in self.runners.values():
+            runner.warmup()
+
+    @property
+    def ready(self) -> bool:
+        return all(r.ready for r in self.runners.values())
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        return x.to(self.dtype) if x.is_floating_point() else x
+        # to the device only: the runner casts each input to its part's dtype (a diffusion time stays float32)
+        return x.to(self.device, non_blocking=True)
 
     @staticmethod
     def _out(y: torch.Tensor) -> torch.Tensor:
         return (y.float() if y.is_floating_point() else y).cpu()
 
 
+def runner_label(runner: ModelRunner) -> str:
+    """What ``/v1/models`` shows as a model's runtime: the runner's name without the ONNX provider
+    (``torch-eager``, ``torch-bf16+compile+graphs``, ``onnx``, ``torchscript``, ``onnx@1-31,torch-eager``)."""
+    return re.sub(r"\[[^\]]*\]", "", runner.name)
+
+
 def _torch_only(runtime: Runtime, what: str) -> None:
-    """Exported backends cover continuous tokenizers and SiT / DiT denoisers; others run eager torch."""
-    if runtime.backend != "torch":
+    """Exported backends cover continuous tokenizers and SiT / DiT denoisers; others run PyTorch."""
+    if runtime.backend in ("torchscript", "onnx"):
         log.warning("%s: the %s backend does not cover %s; running torch eager", runtime.spec.name,
                     runtime.backend, what)
-        runtime.backend, runtime.name = "torch", "torch-eager"
+        runtime.backend = "torch"
 
 
 class TokenizerRuntime(Runtime):
     """Any tokenizer (:class:`models.surface.Tokenizer`): ``encode`` images -> tokens, ``decode`` tokens ->
-    images. Tokens are float latents, or int64 codes for a discrete one (``spec.discrete``), which the
-    exported backends do not cover."""
+    images, each a runner. Tokens are float latents, or int64 codes for a discrete one (``spec.discrete``),
+    which the exported backends do not cover."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.discrete = self.spec.discrete
-        self._encode, self._decode = self.module.encode, self.module.decode
         if self.discrete:
             _torch_only(self, "discrete tokenizers")
-            return
-        if self.backend != "torch":
-            from export.runtime import TokenizerRuntime as Exported
-
-            rt = Exported.load(self.backend, self.module, self.device, cache_dir=self.export_dir)
-            self._encode, self._decode = rt.encode, rt.decode
+        runners = self._make_runners(("encoder", "decoder"))
+        self._encode, self._decode = runners["encoder"], runners["decoder"]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float32 in [-1, 1] -> (B, L, D) float32 tokens, or (B, *code shape) int64 codes."""
@@ -192,14 +221,13 @@ class GeneratorRuntime(Runtime):
 
         self.family = sampler_family(self.spec.family)
         self.denoiser = self.family.model_input == "model_fn"
-        self._forward = self.module
+        self._forward: Any = self.module
         if not self.denoiser:
             _torch_only(self, f"{self.spec.family} generators")
-        elif self.backend != "torch":
-            from export.runtime import DenoiserRuntime
-
-            self._forward = DenoiserRuntime.load(self.backend, self.module, self.device,
-                                                 cache_dir=self.export_dir).model_fn
+            self.module.to(dtype=self.dtype)  # the sampler calls the module's own methods in this dtype
+            self.name = "torch-eager" if self.dtype == torch.float32 else f"torch-{_PRECISION[self.dtype]}"
+        else:
+            self._forward = self._make_runners(("denoiser",))["denoiser"]
 
     def model_fn(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The sampler's ``ModelFn``: x (N, L, C), t (N,), y (N,) int64 -> (N, L, C_out) float32, on the
@@ -210,9 +238,10 @@ class GeneratorRuntime(Runtime):
             return out.float() if out.dtype != torch.float32 else out
 
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        # moved only: the runner casts each input to its part's dtype (a diffusion time stays float32)
         if x.device.type != self.device.type or (self.device.index is not None and x.device != self.device):
             x = x.to(self.device, non_blocking=True)
-        return x.to(self.dtype) if x.is_floating_point() and x.dtype != self.dtype else x
+        return x
 
     @property
     def sampler_model(self) -> Any:
@@ -234,20 +263,33 @@ class GeneratorRuntime(Runtime):
         return get_sampler(name, self.spec.config, **kwargs)
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``TOKSERVE_DTYPE``: ``auto`` is bfloat16 on CUDA and float32 elsewhere."""
+    from models.runtime import auto_dtype
+
+    return _DTYPES[auto_dtype(device) if name == "auto" else name]
+
+
 def build_runtimes(specs: list[ModelSpec], settings: Settings) -> dict[str, Runtime]:
-    """Load every model (in the calling thread) onto the settings' device."""
+    """Load every model (in the calling thread) onto the settings' device, each part behind the runner its
+    ``TOKSERVE_RUNTIME`` entry and ``TOKSERVE_DTYPE`` choose."""
     device = resolve_device(settings.device)
-    dtype = _DTYPES[settings.dtype]
+    dtype = resolve_dtype(settings.dtype, device)
     from export.runtime import parse_runtime_setting
 
     choice = parse_runtime_setting(settings.runtime)
+    exact = settings.attention == "exact" or settings.batch_invariant
     out: dict[str, Runtime] = {}
     for spec in specs:
         module = load_module(spec, settings)
         cls = TokenizerRuntime if spec.kind == "tokenizer" else GeneratorRuntime
         backend = choice.kind_for(spec.name)
-        out[spec.name] = cls(spec, module, device, dtype, backend=backend, export_dir=settings.export_dir)
-        log.info("loaded %s (%s, %s) on %s with %s", spec.name, spec.family, spec.source, device, backend)
+        # generator rows: a batch of requests, doubled by classifier-free guidance
+        rows = settings.max_batch_size * (1 if spec.kind == "tokenizer" else 2)
+        out[spec.name] = cls(spec, module, device, dtype, backend=backend, export_dir=settings.export_dir,
+                             exact=exact, max_batch=rows)
+        log.info("loaded %s (%s, %s) on %s: %s (%s, %s)", spec.name, spec.family, spec.source, device,
+                 out[spec.name].name, backend, dtype)
     return out
 
 

@@ -13,7 +13,7 @@ from bench.flops import (
     softvq_decode_flops,
     softvq_encode_flops,
 )
-from models.fastpath import set_fused_attention
+from models.runtime import set_fused_attention
 
 
 def _within(ours: int, theirs: int, rel: float = 0.02) -> None:

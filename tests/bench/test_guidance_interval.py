@@ -10,7 +10,7 @@ import torch
 import models
 from bench.common import enliven_
 from bench.flops import forwards_per_image
-from models.fastpath import FastPath, FastPathConfig
+from models.runtime import RunnerConfig, torch_runner
 from models.sampling import SampleRequest, StepStats, get_sampler
 
 
@@ -24,7 +24,7 @@ def _guided_steps(sampler: str, steps: int, low: float, high: float) -> int:
 def den():
     torch.manual_seed(0)
     sit = enliven_(models.create_model("sit-tiny-64x32").eval())
-    return sit, FastPath(FastPathConfig(precision="fp32", buckets=(4, 8, 16)), "cpu").denoiser(sit)
+    return sit, torch_runner(sit, "denoiser", "cpu", RunnerConfig(precision="fp32", buckets=(4, 8, 16)))
 
 
 def _run(sit, den, sampler: str, reqs: list[SampleRequest]) -> StepStats:

@@ -10,7 +10,7 @@ def test_bench_prints_a_row_per_runtime_and_batch(capsys) -> None:
                  "--warmup", "1", "--repeats", "1", "--min-time", "0", "--threads", "1"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sit-tiny-64x32")]
     assert len(lines) == 3 * 2
-    assert {ln.split()[3] for ln in lines} >= {"torch", "torchscript", "onnx[CPU]"}
+    assert {ln.split()[3] for ln in lines} >= {"torch-eager", "torchscript", "onnx[CPU]"}
     for ln in lines:
         assert float(ln.split()[-1]) <= 1e-4  # max_rel vs eager torch
 

@@ -12,7 +12,7 @@ from export.__main__ import main
 from export.inputs import random_inputs
 from export.metadata import read_metadata
 from export.parity import compare
-from export.runtime import DenoiserRuntime, TokenizerRuntime, load_runtime, resolve_model
+from export.runtime import make_runner, make_runners, resolve_model, source_facts
 
 CASES = {
     # the small configurations
@@ -46,9 +46,9 @@ def test_export_small_config(tmp_path, registry_model, name: str) -> None:
     for part, spec in meta.parts.items():
         args = random_inputs(spec, meta.facts, 5, seed=11)
         with torch.no_grad():
-            ref = load_runtime("torch", out, part)(*args)
+            ref = make_runner(out, part, runtime="torch")(*args)
         for kind in ("torchscript", "onnx"):
-            r = compare(part, kind, "random", load_runtime(kind, out, part)(*args), ref, meta.tolerance)
+            r = compare(part, kind, "random", make_runner(out, part, runtime=kind)(*args), ref, meta.tolerance)
             assert r.passed, r.line()
 
 
@@ -57,15 +57,17 @@ def test_wrappers_from_export_dirs(tmp_path) -> None:
     assert main(["--model", "softvq-tiny-64", "--out", str(tok_dir), "--formats", "onnx", "--no-real"]) == 0
     assert main(["--model", "sit-tiny-64x32", "--out", str(gen_dir), "--formats", "onnx", "--no-real"]) == 0
     facts = json.loads((tok_dir / "export.json").read_text())["facts"]
-    tok_onnx, tok_torch = TokenizerRuntime.load("onnx", tok_dir), TokenizerRuntime.load("torch", tok_dir)
-    assert tok_onnx.name == "onnx[CPU]" and tok_torch.name == "torch"
-    assert tok_onnx.facts == facts and facts["token_shape"] == [64, 32] and facts["image_size"] == [64, 64]
+    parts = ("encoder", "decoder")
+    tok_onnx, tok_torch = make_runners(tok_dir, parts, runtime="onnx"), make_runners(tok_dir, parts, runtime="torch")
+    assert tok_onnx["encoder"].name == "onnx[CPU]" and tok_torch["encoder"].name == "torch-eager"
+    assert source_facts(tok_dir) == facts and facts["token_shape"] == [64, 32] and facts["image_size"] == [64, 64]
     images = torch.rand(2, 3, 64, 64) * 2 - 1
-    tokens = tok_onnx.encode(images)
-    assert compare("encoder", "onnx", "random", tokens, tok_torch.encode(images)).passed
-    assert compare("decoder", "onnx", "random", tok_onnx.decode(tokens), tok_torch.decode(tokens)).passed
+    tokens = tok_onnx["encoder"](images)
+    assert compare("encoder", "onnx", "random", tokens, tok_torch["encoder"](images)).passed
+    assert compare("decoder", "onnx", "random", tok_onnx["decoder"](tokens), tok_torch["decoder"](tokens)).passed
 
-    den_onnx, den_torch = DenoiserRuntime.load("onnx", gen_dir), DenoiserRuntime.load("torch", gen_dir)
+    den_onnx = make_runner(gen_dir, "denoiser", runtime="onnx")
+    den_torch = make_runner(gen_dir, "denoiser", runtime="torch")
     x, t, y = torch.randn(3, 64, 32), torch.rand(3), torch.tensor([1, 207, 1000])
     assert compare("denoiser", "onnx", "random", den_onnx(x, t, y), den_torch(x, t, y)).passed
 

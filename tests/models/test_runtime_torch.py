@@ -1,4 +1,5 @@
-"""The bucketed runner and the fast-path wrappers on the CPU (eager fallback, same padding as on CUDA)."""
+"""The PyTorch runners of models.runtime on the CPU: bucketing (eager fallback, same padding as on CUDA),
+reduced precision, compile fallback, the denoiser and tokenizer parts."""
 
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ import torch
 import models
 from bench.common import enliven_
 from models.dit import TimestepEmbedder
-from models.fastpath import (
-    BucketedRunner,
+from models.runtime import (
     CachedTimestepEmbedder,
-    CUDAGraphDenoiser,
-    FastPath,
-    FastPathConfig,
     GuardedCompile,
     InputSpec,
+    RunnerConfig,
+    TorchRunner,
     compile_fn,
     plan_batches,
+    torch_runner,
 )
 
 
@@ -42,6 +42,24 @@ def dit() -> torch.nn.Module:
     return enliven_(models.create_model("dit-tiny-64x32").eval(), seed=1)
 
 
+class _Tokenizer:
+    """A tokenizer's encoder and decoder runners over one prepared module (as the server builds them)."""
+
+    def __init__(self, tok: torch.nn.Module, device: object, cfg: RunnerConfig, copy_module: bool = False) -> None:
+        self.module = copy.deepcopy(tok) if copy_module else tok
+        self.encoder = torch_runner(self.module, "encoder", device, cfg)
+        self.decoder = torch_runner(self.module, "decoder", device, cfg)
+        self.encode, self.decode = self.encoder, self.decoder
+
+    def warmup(self) -> None:
+        self.encoder.warmup()
+        self.decoder.warmup()
+
+    @property
+    def ready(self) -> bool:
+        return self.encoder.ready and self.decoder.ready
+
+
 def _inputs(n: int, seed: int = 0, num_classes: int = 1000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 64, 32, generator=g), torch.rand(n, generator=g),
@@ -62,9 +80,9 @@ class Recorder:
         return x * 10 + y[:, None]
 
 
-def _runner(fn: Recorder, buckets: tuple[int, ...] = (2, 4, 8)) -> BucketedRunner:
+def _runner(fn: Recorder, buckets: tuple[int, ...] = (2, 4, 8)) -> TorchRunner:
     specs = (InputSpec((2,), torch.float32, -1.0), InputSpec((), torch.long, 7))
-    return BucketedRunner(fn, specs, device="cpu", buckets=buckets, graphs=True, name="toy")
+    return TorchRunner(fn, specs, device="cpu", buckets=buckets, graphs=True, part="toy")
 
 
 def test_padding_rows_hold_the_dummy_values_and_outputs_are_sliced() -> None:
@@ -134,7 +152,7 @@ def test_warmup_reports_and_sets_ready() -> None:
 
 @pytest.mark.parametrize("n", [1, 3, 5, 8, 11])
 def test_denoiser_fallback_equals_the_plain_model(sit: torch.nn.Module, n: int) -> None:
-    den = FastPath(FastPathConfig.parse("fp32+graphs", buckets=(1, 2, 4, 8)), "cpu").denoiser(sit, copy_module=True)
+    den = torch_runner(sit, "denoiser", "cpu", RunnerConfig.parse("fp32+graphs", buckets=(1, 2, 4, 8)), copy_module=True)
     den.warmup()
     x, t, y = _inputs(n, seed=n)
     with torch.no_grad():
@@ -146,15 +164,15 @@ def test_denoiser_fallback_equals_the_plain_model(sit: torch.nn.Module, n: int) 
 def test_padding_does_not_change_real_rows(sit: torch.nn.Module) -> None:
     """The same 3 rows, run padded into bucket 8 and unpadded into bucket 3, agree to 1e-6."""
     x, t, y = _inputs(3, seed=5)
-    padded = FastPath(FastPathConfig(precision="fp32", buckets=(8,)), "cpu").denoiser(sit, copy_module=True)
-    exact = FastPath(FastPathConfig(precision="fp32", buckets=(3,)), "cpu").denoiser(sit, copy_module=True)
+    padded = torch_runner(sit, "denoiser", "cpu", RunnerConfig(precision="fp32", buckets=(8,)), copy_module=True)
+    exact = torch_runner(sit, "denoiser", "cpu", RunnerConfig(precision="fp32", buckets=(3,)), copy_module=True)
     _close(padded(x, t, y), exact(x, t, y))
     assert padded.stats.padded_rows == 5 and exact.stats.padded_rows == 0
 
 
 def test_dit_learned_sigma_output_and_pad_class(dit: torch.nn.Module) -> None:
-    fp = FastPath(FastPathConfig(precision="fp32", buckets=(4,)), "cpu")
-    den = fp.denoiser(dit, pad_class=1000, copy_module=True)
+    cfg = RunnerConfig(precision="fp32", buckets=(4,))
+    den = torch_runner(dit, "denoiser", "cpu", cfg, pad_class=1000, copy_module=True)
     assert den.buffers(4)[2].tolist() == [1000] * 4
     x, t, y = _inputs(3, seed=2)
     t = t * 999
@@ -164,7 +182,7 @@ def test_dit_learned_sigma_output_and_pad_class(dit: torch.nn.Module) -> None:
     assert out.shape == (3, 64, 64)
     _close(out, ref)
     with pytest.raises(ValueError, match="pad_class"):
-        fp.denoiser(dit, pad_class=1001, copy_module=True)
+        torch_runner(dit, "denoiser", "cpu", cfg, pad_class=1001, copy_module=True)
 
 
 def test_reduced_precision_keeps_time_embedding_fp32(sit: torch.nn.Module) -> None:
@@ -172,11 +190,12 @@ def test_reduced_precision_keeps_time_embedding_fp32(sit: torch.nn.Module) -> No
     with torch.no_grad():
         ref = sit(x, t, y)
     for spec in ("bf16", "fp16", "bf16-autocast"):
-        den = FastPath(FastPathConfig.parse(spec), "cpu").denoiser(sit, copy_module=True)
+        den = torch_runner(sit, "denoiser", "cpu", RunnerConfig.parse(spec), copy_module=True)
         m = den.module
         assert m.t_embedder.mlp[0].weight.dtype == torch.float32
-        assert m.t_embedder.freqs.dtype == torch.float32
-        want = torch.float32 if spec == "bf16-autocast" else FastPathConfig.parse(spec).weight_dtype
+        if isinstance(m.t_embedder, CachedTimestepEmbedder):  # graph-safe only with graphs
+            assert m.t_embedder.freqs.dtype == torch.float32
+        want = torch.float32 if spec == "bf16-autocast" else RunnerConfig.parse(spec).weight_dtype
         assert m.blocks[0].attn.qkv.weight.dtype == want
         assert den.buffers(4)[0].dtype == want and den.buffers(4)[1].dtype == torch.float32
         out = den(x, t, y)
@@ -198,7 +217,7 @@ def test_cached_time_embedder_is_exact_and_keeps_keys() -> None:
 
 
 def test_prepared_model_keeps_its_state_dict_keys(sit: torch.nn.Module) -> None:
-    den = FastPath(FastPathConfig.parse("bf16"), "cpu").denoiser(sit, copy_module=True)
+    den = torch_runner(sit, "denoiser", "cpu", RunnerConfig.parse("bf16"), copy_module=True)
     assert den.module.state_dict().keys() == sit.state_dict().keys()
 
 
@@ -213,12 +232,12 @@ def test_fast_tokenizer_fp32_equals_the_model() -> None:
         ref_tokens = tok.encode(images)
         ref_images = tok.decode(ref_tokens)
     for spec in ("fp32+graphs", "fp32+cl"):
-        fast = FastPath(FastPathConfig.parse(spec, buckets=(2, 4)), "cpu").tokenizer(tok, copy_module=True)
+        fast = _Tokenizer(tok, "cpu", RunnerConfig.parse(spec, buckets=(2, 4)), copy_module=True)
         fast.warmup()
         assert fast.ready
         _close(fast.encode(images), ref_tokens)
         _close(fast.decode(ref_tokens), ref_images)
-    bf = FastPath(FastPathConfig.parse("bf16"), "cpu").tokenizer(tok, copy_module=True)
+    bf = _Tokenizer(tok, "cpu", RunnerConfig.parse("bf16"), copy_module=True)
     assert bf.module.quantize.embedding.dtype == torch.float32  # the soft quantizer stays fp32
     tokens = bf.encode(images)
     assert tokens.dtype == torch.float32
@@ -240,17 +259,17 @@ def test_compile_failure_falls_back_to_eager() -> None:
 
 def test_compile_skipped_cleanly_where_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     fn = lambda x: x * 2  # noqa: E731
-    same, note = compile_fn(fn, FastPathConfig(compile=False))
+    same, note = compile_fn(fn, RunnerConfig(compile=False))
     assert same is fn and note == "eager"
 
     def refuse(*_a: object, **_k: object) -> None:
         raise RuntimeError("Windows not yet supported for torch.compile")
 
     monkeypatch.setattr(torch, "compile", refuse)
-    same, note = compile_fn(fn, FastPathConfig(compile=True, cuda_graphs=False))
+    same, note = compile_fn(fn, RunnerConfig(compile=True, cuda_graphs=False))
     assert same is fn and note.startswith("eager (torch.compile failed")
     monkeypatch.delattr(torch, "compile")
-    same, note = compile_fn(fn, FastPathConfig(compile=True, cuda_graphs=False))
+    same, note = compile_fn(fn, RunnerConfig(compile=True, cuda_graphs=False))
     assert same is fn and "unavailable" in note
 
 
@@ -260,9 +279,9 @@ def test_denoiser_is_a_sampler_model_fn(sit: torch.nn.Module) -> None:
 
     reqs = [SampleRequest(class_id=c, seed=s, steps=6, cfg_scale=1.75, guidance_high=0.7, sampler="sde")
             for c, s in ((1, 0), (2, 1), (999, 2))]
-    den = FastPath(FastPathConfig(precision="fp32", buckets=(2, 4, 8)), "cpu").denoiser(sit, copy_module=True)
+    den = torch_runner(sit, "denoiser", "cpu", RunnerConfig(precision="fp32", buckets=(2, 4, 8)), copy_module=True)
     with torch.no_grad():
         ref = run_to_completion(get_sampler("sde", sit), sit, reqs, (64, 32))
     out = run_to_completion(get_sampler("sde", sit), den, reqs, (64, 32))
     _close(out, ref, 1e-5)
-    assert isinstance(den, CUDAGraphDenoiser)
+    assert isinstance(den, TorchRunner)

@@ -1,4 +1,4 @@
-"""Pure bookkeeping of the fast path: bucket choice, chunk plans, the variant grammar."""
+"""Pure bookkeeping of the runners: bucket choice, chunk plans, the variant grammar."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from models.fastpath import (
+from models.runtime import (
     DEFAULT_BUCKETS,
     Chunk,
-    FastPathConfig,
+    RunnerConfig,
     choose_bucket,
     normalize_buckets,
     plan_batches,
@@ -58,27 +58,27 @@ def test_plan_example() -> None:
 @pytest.mark.parametrize("spec", ["fp32", "tf32", "bf16-autocast", "bf16+graphs", "fp16+compile+graphs",
                                   "bf16+dyn+graphs", "bf16+compile+autotune+graphs", "bf16+cl", "fp32+math"])
 def test_variant_grammar_round_trips(spec: str) -> None:
-    cfg = FastPathConfig.parse(spec)
-    assert FastPathConfig.parse(cfg.label) == cfg
+    cfg = RunnerConfig.parse(spec)
+    assert RunnerConfig.parse(cfg.label) == cfg
     assert cfg.precision == spec.split("+")[0]
     assert cfg.cuda_graphs == ("graphs" in spec)
     assert cfg.compile == any(f in spec for f in ("compile", "dyn", "autotune"))
 
 
 def test_variant_grammar_rejects_unknown_flags_and_conflicts() -> None:
-    with pytest.raises(ValueError, match="unknown fast-path flags"):
-        FastPathConfig.parse("bf16+turbo")
+    with pytest.raises(ValueError, match="unknown runner flags"):
+        RunnerConfig.parse("bf16+turbo")
     with pytest.raises(ValueError, match="precision"):
-        FastPathConfig.parse("int8")
+        RunnerConfig.parse("int8")
     with pytest.raises(ValueError, match="own CUDA graphs"):
-        FastPathConfig(compile=True, compile_mode="reduce-overhead", cuda_graphs=True)
-    FastPathConfig(compile=True, compile_mode="reduce-overhead", cuda_graphs=False)  # fine without ours
+        RunnerConfig(compile=True, compile_mode="reduce-overhead", cuda_graphs=True)
+    RunnerConfig(compile=True, compile_mode="reduce-overhead", cuda_graphs=False)  # fine without ours
 
 
 def test_weight_dtypes() -> None:
     import torch
 
-    assert FastPathConfig.parse("bf16").weight_dtype == torch.bfloat16
-    assert FastPathConfig.parse("fp16").weight_dtype == torch.float16
-    assert FastPathConfig.parse("bf16-autocast").weight_dtype == torch.float32
-    assert FastPathConfig.parse("tf32").weight_dtype == torch.float32
+    assert RunnerConfig.parse("bf16").weight_dtype == torch.bfloat16
+    assert RunnerConfig.parse("fp16").weight_dtype == torch.float16
+    assert RunnerConfig.parse("bf16-autocast").weight_dtype == torch.float32
+    assert RunnerConfig.parse("tf32").weight_dtype == torch.float32

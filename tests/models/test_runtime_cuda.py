@@ -1,19 +1,39 @@
 """CUDA graphs and compilation on a real GPU (marked ``gpu``: CI deselects them; the GPU session runs
-``pytest -m gpu tests/bench``). Tiny models, so the whole file takes well under a minute there."""
+``pytest -m gpu tests/models/test_runtime_cuda.py``). Tiny models, so the whole file takes well under a minute there."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 import models
 from bench.common import enliven_
-from models.fastpath import FastPath, FastPathConfig, precision_context
+from models.runtime import RunnerConfig, precision_context, torch_runner
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DEV = torch.device("cuda")
+
+
+class _Tokenizer:
+    """A tokenizer's encoder and decoder runners over one prepared module (as the server builds them)."""
+
+    def __init__(self, tok: torch.nn.Module, device: object, cfg: RunnerConfig, copy_module: bool = False) -> None:
+        self.module = copy.deepcopy(tok) if copy_module else tok
+        self.encoder = torch_runner(self.module, "encoder", device, cfg)
+        self.decoder = torch_runner(self.module, "decoder", device, cfg)
+        self.encode, self.decode = self.encoder, self.decoder
+
+    def warmup(self) -> None:
+        self.encoder.warmup()
+        self.decoder.warmup()
+
+    @property
+    def ready(self) -> bool:
+        return self.encoder.ready and self.decoder.ready
 
 
 def _sit() -> torch.nn.Module:
@@ -31,10 +51,9 @@ def _inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "bf16-autocast"])
 def test_graph_replay_equals_eager_with_the_same_buckets(precision: str) -> None:
     sit = _sit()
-    cfg = FastPathConfig(precision=precision, buckets=(1, 4, 16), cuda_graphs=True)
-    graphs = FastPath(cfg, DEV).denoiser(sit, copy_module=True)
-    eager = FastPath(FastPathConfig(precision=precision, buckets=(1, 4, 16), cuda_graphs=False), DEV).denoiser(
-        sit, copy_module=True)
+    cfg = RunnerConfig(precision=precision, buckets=(1, 4, 16), cuda_graphs=True)
+    graphs = torch_runner(sit, "denoiser", DEV, cfg, copy_module=True)
+    eager = torch_runner(sit, "denoiser", DEV, RunnerConfig(precision=precision, buckets=(1, 4, 16), cuda_graphs=False), copy_module=True)
     tol = 1e-5 if precision == "fp32" else 2e-2  # same kernels expected; allow another cuBLAS algorithm
     report = graphs.warmup()
     assert graphs.ready and report.mode == "cuda-graphs" and graphs.captured == (1, 4, 16)
@@ -48,7 +67,7 @@ def test_graph_replay_equals_eager_with_the_same_buckets(precision: str) -> None
 
 def test_fp32_graphs_match_the_plain_model() -> None:
     sit = _sit()
-    den = FastPath(FastPathConfig(precision="fp32", cuda_graphs=True), DEV).denoiser(sit, copy_module=True)
+    den = torch_runner(sit, "denoiser", DEV, RunnerConfig(precision="fp32", cuda_graphs=True), copy_module=True)
     den.warmup([8])
     x, t, y = _inputs(5)
     with torch.no_grad(), precision_context("fp32", DEV):
@@ -59,8 +78,8 @@ def test_fp32_graphs_match_the_plain_model() -> None:
 def test_compiled_graphs_match_eager() -> None:
     sit = _sit()
     x, t, y = _inputs(6)
-    eager = FastPath(FastPathConfig(precision="bf16", cuda_graphs=False), DEV).denoiser(sit, copy_module=True)
-    comp = FastPath(FastPathConfig.parse("bf16+compile+graphs", buckets=(8,)), DEV).denoiser(sit, copy_module=True)
+    eager = torch_runner(sit, "denoiser", DEV, RunnerConfig(precision="bf16", cuda_graphs=False), copy_module=True)
+    comp = torch_runner(sit, "denoiser", DEV, RunnerConfig.parse("bf16+compile+graphs", buckets=(8,)), copy_module=True)
     comp.warmup()
     assert comp.fn.error is None, comp.fn.error  # compiled for real, no fallback
     out, ref = comp(x, t, y), eager(x, t, y)
@@ -73,9 +92,8 @@ def test_tokenizer_graphs_match_eager() -> None:
         tok = enliven_(models.create_model("softvq-tiny-64").eval())
     images = torch.rand(3, 3, 64, 64, device=DEV) * 2 - 1
     for spec in ("fp32+graphs", "bf16+cl+graphs"):
-        fast = FastPath(FastPathConfig.parse(spec, buckets=(4,)), DEV).tokenizer(tok, copy_module=True)
-        plain = FastPath(FastPathConfig.parse(spec.replace("+graphs", ""), buckets=(4,)), DEV).tokenizer(
-            tok, copy_module=True)
+        fast = _Tokenizer(tok, DEV, RunnerConfig.parse(spec, buckets=(4,)), copy_module=True)
+        plain = _Tokenizer(tok, DEV, RunnerConfig.parse(spec.replace("+graphs", ""), buckets=(4,)), copy_module=True)
         fast.warmup()
         assert fast.ready and fast.encoder.captured == (4,)
         torch.testing.assert_close(fast.encode(images), plain.encode(images), rtol=1e-5, atol=1e-5)
@@ -87,7 +105,7 @@ def test_step_sampler_on_graphs() -> None:
     from models.sampling import FlowSampler, SampleRequest, run_to_completion
 
     sit = _sit()
-    den = FastPath(FastPathConfig(precision="fp32", buckets=(2, 4, 8)), DEV).denoiser(sit, copy_module=True)
+    den = torch_runner(sit, "denoiser", DEV, RunnerConfig(precision="fp32", buckets=(2, 4, 8)), copy_module=True)
     den.warmup()
     reqs = [SampleRequest(class_id=i, seed=i, steps=8, cfg_scale=1.75, guidance_high=0.7, path_type="cosine")
             for i in range(3)]
