@@ -75,3 +75,46 @@ def test_server_reaches_model_families_only_through_the_registries() -> None:
     bad = {str(f.relative_to(ROOT)): sorted(_model_imports(f) & families) for f in (ROOT / "server").rglob("*.py")}
     bad = {k: v for k, v in bad.items() if v}
     assert not bad, f"server modules importing model families: {bad}"
+
+
+# ---------------------------------------------------------------------------------------------- one runner layer
+
+RUNNER_LAYER = ROOT / "models" / "runtime"
+ONE_ADAPTER_MODULE = ROOT / "server" / "engine" / "runtime.py"  # the server's per-kind adapters over runners
+PACKAGES = ("models", "server", "export", "bench", "training")
+
+
+def _classes(path: Path) -> list[str]:
+    return [n.name for n in ast.walk(ast.parse(path.read_text(), filename=str(path))) if isinstance(n, ast.ClassDef)]
+
+
+def test_one_runtime_layer() -> None:
+    """ISSUE 17: the runners live in models/runtime/ only: no second ``Runtime`` class (the server's
+    ``Runtime`` / ``TokenizerRuntime`` / ``GeneratorRuntime`` adapters are the only ones), no ``*Runner``
+    class elsewhere, and no fast path of the benchmarks' own (``models/fastpath.py`` was folded in)."""
+    runtime_classes, runner_classes = {}, {}
+    for package in PACKAGES:
+        for f in sorted((ROOT / package).rglob("*.py")):
+            rel = str(f.relative_to(ROOT))
+            for name in _classes(f):
+                if name.endswith("Runtime") and f != ONE_ADAPTER_MODULE:
+                    runtime_classes[f"{rel}:{name}"] = name
+                # training's feature cache keeps its own in-memory ONNX runner for frozen training networks
+                if name.endswith("Runner") and RUNNER_LAYER not in f.parents and package != "training":
+                    runner_classes[f"{rel}:{name}"] = name
+    assert not runtime_classes, f"Runtime classes outside {ONE_ADAPTER_MODULE.relative_to(ROOT)}: {runtime_classes}"
+    assert not runner_classes, f"runner classes outside models/runtime/: {runner_classes}"
+    assert not (ROOT / "models" / "fastpath.py").exists()
+
+
+def test_benchmarks_have_no_fast_path_of_their_own() -> None:
+    """bench/ measures the runners the server runs: it compiles, captures graphs and opens ONNX sessions only
+    through models.runtime (via export.runtime.make_runner)."""
+    bad = {}
+    for f in sorted((ROOT / "bench").rglob("*.py")):
+        text = f.read_text()
+        hits = [s for s in ("torch.compile(", "CUDAGraph(", "torch.autocast(", "InferenceSession(", "jit.load(")
+                if s in text]
+        if hits:
+            bad[str(f.relative_to(ROOT))] = hits
+    assert not bad, f"bench-only fast paths: {bad}"
