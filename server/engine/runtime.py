@@ -30,7 +30,6 @@ from server.settings import Settings
 log = logging.getLogger("tokserve.runtime")
 RANDOM_WEIGHTS_SEED = 0  # registry models get the same random weights in every process
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,11 +145,16 @@ def runner_label(runner: ModelRunner) -> str:
 
 
 def _torch_only(runtime: Runtime, what: str) -> None:
-    """Exported backends cover continuous tokenizers and SiT / DiT denoisers; others run PyTorch."""
+    """Exported backends and reduced precision cover continuous tokenizers and SiT / DiT denoisers; others
+    run PyTorch in float32 (a bf16 codebook search can pick other codes, and the MAR / MaskGIT / VAR samplers
+    keep float32 state that a bf16 module does not accept)."""
     if runtime.backend in ("torchscript", "onnx"):
         log.warning("%s: the %s backend does not cover %s; running torch eager", runtime.spec.name,
                     runtime.backend, what)
         runtime.backend = "torch"
+    if runtime.dtype != torch.float32:
+        log.warning("%s: %s run in float32, not %s", runtime.spec.name, what, runtime.dtype)
+        runtime.dtype = torch.float32
 
 
 class TokenizerRuntime(Runtime):
@@ -224,8 +228,7 @@ class GeneratorRuntime(Runtime):
         self._forward: Any = self.module
         if not self.denoiser:
             _torch_only(self, f"{self.spec.family} generators")
-            self.module.to(dtype=self.dtype)  # the sampler calls the module's own methods in this dtype
-            self.name = "torch-eager" if self.dtype == torch.float32 else f"torch-{_PRECISION[self.dtype]}"
+            self.module.float()  # the sampler calls the module's own methods, in float32
         else:
             self._forward = self._make_runners(("denoiser",))["denoiser"]
 

@@ -111,3 +111,23 @@ def test_auto_keeps_eager_for_exact_serving(shipped_specs) -> None:
     for settings in ({"attention": "exact"}, {"batch_invariant": True}):
         runtimes = _engine(shipped_specs, runtime="auto", **settings)
         assert {rt.name for rt in runtimes.values()} == {"torch-eager"}, settings
+
+
+def test_bfloat16_serves_every_family() -> None:
+    """Reduced precision covers continuous tokenizers and SiT / DiT denoisers; discrete tokenizers and the
+    MAR / MaskGIT / VAR generators keep float32 (their samplers hold float32 state), and every family serves."""
+    from server_testkit import ThreadServer
+
+    tokenizers = {"softvq-tiny-64": "torch-bf16", "softvq-taef2-tiny": "torch-bf16", "coda-taef2-64": "torch-eager",
+                  "imagefolder-tiny-64": "torch-eager"}
+    generators = {"sit-tiny-64x32": "torch-bf16", "mar-tiny-64x32": "torch-eager", "maskgit-tiny": "torch-eager",
+                  "var-tiny-64": "torch-eager"}
+    files = [("image", (f"{i}.jpg", j, "image/jpeg")) for i, (j, _) in enumerate(real_jpegs(2))]
+    with ThreadServer(models=[*tokenizers, *generators], dtype="bfloat16", device="cpu", runtime="auto") as s:
+        assert {n: rt.name for n, rt in s.state.engine.runtimes.items()} == {**tokenizers, **generators}
+        for tok in tokenizers:
+            r = httpx.post(f"{s.url}/v1/encode?model={tok}", files=files, timeout=120)
+            assert r.status_code == 200, (tok, r.text)
+        for gen in generators:
+            r = httpx.post(f"{s.url}/v1/generate", json={"model": gen, "class": 3, "seed": 1}, timeout=300)
+            assert r.status_code == 200, (gen, r.text)
