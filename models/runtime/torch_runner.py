@@ -273,7 +273,14 @@ class TorchRunner:
         for b in sorted(sizes, reverse=True):
             tb = time.perf_counter()
             if self.use_graphs:
-                self._capture(b)
+                try:
+                    self._capture(b)
+                except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: run eagerly instead
+                    log.warning("%s: CUDA graph capture failed at batch %d, running eagerly (%s: %s)", self.part,
+                                b, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                    self.use_graphs = False
+                    self._graphs.clear()
+                    report.mode = self.mode
             elif self.specs is not None:
                 with self.context():
                     self.fn(*self.buffers(b))
