@@ -45,11 +45,13 @@ _BENCH = ("python -m export.bench --models weights/default/tokenizer,weights/def
           "(docs/results/export-bench-defaults.txt)")
 CPU_TABLE: tuple[CpuRecord, ...] = (
     # The shipped TAEF2 tokenizer (weights/default/tokenizer): encode 12.8 vs 5.8 img/s at batch 1, 20.6 vs
-    # 8.0 at batch 32; issue #17 re-measured encode at ~100 vs 42-50 img/s. Decode 11.9 vs 4.1 and 17.4 vs 9.7.
+    # 8.0 at batch 32; issue #17 re-measured encode at ~100 vs 42-50 img/s, docs/results/export-bench-auto-cpu.txt
+    # 47.6 vs 21.0 at 32. Decode 11.9 vs 4.1 and 17.4 vs 9.7 (there: 24.8 vs 17.8 and 37.2 vs 15.0).
     CpuRecord("TAEF2", "encoder", 2_677_027, source=_BENCH),
     CpuRecord("TAEF2", "decoder", 2_677_027, source=_BENCH),
     # The shipped SiT generator (weights/default/generator, 5.3 M): a denoiser step 31 vs 1.9 /s at batch 1,
-    # but at batch 32 later reruns found no gain (README "Runtimes on the shipped defaults"): ONNX below 32.
+    # 54 vs 27 at batch 32; later reruns found no gain at batch 32 (README "Runtimes on the shipped defaults"),
+    # docs/results/export-bench-auto-cpu.txt 109 vs 92 (under load): a near tie, so ONNX below 32 only.
     CpuRecord("SiT", "denoiser", 5_286_432, onnx_below=32, source=_BENCH),
 )
 
