@@ -198,10 +198,11 @@ def _torch_part(model: nn.Module, part: str, device: torch.device, config: Runne
         return torch_runner(model, part, device, config, pad_class=pad_class, copy_module=copy_module,
                             require_compile=require_compile)
     _, spec = build_part(model, part)  # e.g. denoiser_cfg: the guided wrapper around the prepared model
-    wrapped = [s if s.dtype != torch.float32 or i else InputSpec(s.row_shape, config.weight_dtype)
-               for i, s in enumerate(input_specs(spec))]
+    specs = list(input_specs(spec))
+    if specs[0].dtype == torch.float32:  # the latents run in the weight dtype; t, y and cfg_scale as declared
+        specs[0] = InputSpec(specs[0].row_shape, config.weight_dtype)
     return torch_runner(model, part, device, config, copy_module=copy_module, require_compile=require_compile,
-                        fn=lambda m: build_part(m, part)[0], specs=wrapped)
+                        fn=lambda m: build_part(m, part)[0], specs=specs)
 
 
 def make_runner(source: Source, part: str, device: str | torch.device = "cpu", *, runtime: str = "torch",
