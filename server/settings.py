@@ -31,6 +31,15 @@ def _split(v: object) -> object:
     return v
 
 
+def default_export_dir() -> str:
+    """The content-addressed export cache of ``TOKSERVE_EXPORT_DIR``'s default: ``$XDG_CACHE_HOME/tokserve/exports``
+    (``~/.cache/tokserve/exports``)."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "tokserve" / "exports")
+
+
 class Settings(BaseSettings):
     """The one settings object of a tokserve process (API and/or worker)."""
 
@@ -79,10 +88,12 @@ class Settings(BaseSettings):
         "batch sizes by ~1e-6 (a pixel level now and then). On CUDA it is not a guarantee (bf16 / split-K GEMMs).",
     )
     export_dir: str | None = Field(
-        None, description="Where `torchscript` / `onnx` runtimes keep their exports, content-addressed "
-        "(`<dir>/<model>-<runtime>/<hash of weights, config, options, torch/onnx/onnxruntime versions>`): a "
-        "restart with unchanged weights reuses the export instead of exporting again (default: a temp folder, "
-        "exported on every start)."
+        default_factory=lambda: default_export_dir(),
+        description="Where `torchscript` / `onnx` runtimes (and `auto` where it picks ONNX Runtime) keep their "
+        "exports, content-addressed (`<dir>/<model>-<runtime>/<hash of weights, config, options, "
+        "torch/onnx/onnxruntime versions>`): a restart with unchanged weights reuses the export instead of "
+        "exporting again. Default: `$XDG_CACHE_HOME/tokserve/exports` (`~/.cache/tokserve/exports`); an empty "
+        "value exports into a fresh temporary folder on every start.",
     )
 
     # ---- batching and queue
@@ -136,6 +147,11 @@ class Settings(BaseSettings):
     webp_quality: int = Field(90, ge=1, le=100)
     png_compress_level: int = Field(3, ge=0, le=9)
     shutdown_grace_s: float = Field(30.0, ge=0, description="How long shutdown waits for accepted work.")
+
+    @field_validator("export_dir", mode="before")
+    @classmethod
+    def _empty_export_dir(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("models", mode="before")
     @classmethod

@@ -180,3 +180,13 @@ def test_two_models_of_one_name_get_one_clear_line(runs: Path, tmp_path: Path) -
         print(f"\n{' '.join(cmd)} -> {r.returncode}: {lines}")
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert len(lines) == 1 and "two models are named 'tok'" in lines[0] and "name=path" in lines[0]
+
+
+def test_exports_are_cached_by_default_and_an_empty_value_turns_the_cache_off(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("TOKSERVE_EXPORT_DIR", raising=False)
+    assert Settings().export_dir == str(tmp_path / "tokserve" / "exports")
+    monkeypatch.setenv("TOKSERVE_EXPORT_DIR", "")
+    assert Settings().export_dir is None
+    monkeypatch.setenv("TOKSERVE_EXPORT_DIR", str(tmp_path / "mine"))
+    assert Settings().export_dir == str(tmp_path / "mine")
