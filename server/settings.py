@@ -82,10 +82,12 @@ class Settings(BaseSettings):
     )
     batch_invariant: bool = Field(
         False,
-        description="Run every tokenizer and SiT / DiT model call one row at a time, so a row's result does not "
-        "depend on its batch-mates bit for bit (batching, queueing and metrics are unchanged). Off by default: "
-        "on the CPU it made encode at batch 8 about 5x slower (bench/README.md); without it rows differ across "
-        "batch sizes by ~1e-6 (a pixel level now and then). On CUDA it is not a guarantee (bf16 / split-K GEMMs).",
+        description="A row's result never depends on its batch-mates, bit for bit. Parts served by ONNX Runtime on "
+        "the CPU (what `TOKSERVE_RUNTIME=auto` picks for the shipped tokenizer and SiT) are batch-invariant by "
+        "construction, at no cost; this setting also runs every other tokenizer and SiT / DiT model call (PyTorch) "
+        "one row at a time (batching, queueing and metrics unchanged). Off by default because of that cost: on the "
+        "CPU it made PyTorch encode at batch 8 about 5x slower (bench/README.md); PyTorch rows differ across batch "
+        "sizes by ~1e-6 (a pixel level now and then). On CUDA it is not a guarantee (bf16 / split-K GEMMs).",
     )
     export_dir: str | None = Field(
         default_factory=lambda: default_export_dir(),

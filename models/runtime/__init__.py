@@ -12,7 +12,15 @@ that factory, or :func:`torch_runner` directly for a PyTorch-only variant.
     den.warmup(); v = den(x, t, y)
 """
 
-from models.runtime.auto import CPU_TABLE, AutoPlan, BatchDispatchRunner, CpuRecord, auto_dtype, auto_plan
+from models.runtime.auto import (
+    CPU_TABLE,
+    AutoPlan,
+    BatchDispatchRunner,
+    CpuRecord,
+    auto_dtype,
+    auto_plan,
+    batch_invariant_runner,
+)
 from models.runtime.base import (
     InputSpec,
     ModelRunner,
@@ -51,7 +59,8 @@ __all__ = [
     "CPU_TABLE", "DEFAULT_BUCKETS", "DEFAULT_KEEP_FP32", "PRECISIONS", "TORCH_PARTS", "AutoPlan",
     "BatchDispatchRunner", "CachedTimestepEmbedder", "Chunk", "CpuRecord", "GuardedCompile", "InputSpec",
     "ModelRunner", "OnnxRunner", "RunnerConfig", "RunnerStats", "RuntimeUnavailable", "TorchRunner",
-    "TorchScriptRunner", "WarmupReport", "auto_dtype", "auto_plan", "cast_inputs", "cast_module", "choose_bucket",
+    "TorchScriptRunner", "WarmupReport", "auto_dtype", "auto_plan", "batch_invariant_runner",
+    "cast_inputs", "cast_module", "choose_bucket",
     "compile_fn", "float_output", "make_graph_safe", "normalize_buckets", "part_fn", "part_inputs",
     "plan_batches", "precision_context", "prepare_module", "runner_name", "set_fused_attention",
     "torch_compile_available", "torch_runner",

@@ -22,7 +22,7 @@ import torch
 
 from models.sampling.base import StepSampler
 from server.engine.batching import Batcher, BatchPolicy, row_chunked, run_chunked, run_isolated
-from server.engine.runtime import DeviceThread, GeneratorRuntime, TokenizerRuntime, to_host
+from server.engine.runtime import DeviceThread, GeneratorRuntime, Runtime, TokenizerRuntime, to_host
 from server.engine.scheduler import GenerationScheduler, StepOutcome
 from server.errors import DeadlineExceeded, ModelFailed
 from server.metrics import Metrics
@@ -50,6 +50,12 @@ async def _drop_dead(queue: JobQueue, jobs: list[Job]) -> list[Job]:
     return [j for j in live if j.id not in gone]
 
 
+def invariant_rows(policy: BatchPolicy, runtime: Runtime) -> int:
+    """Rows per model call for ``runtime``'s batch invariance: none needed when its runners are batch-invariant
+    already (ONNX Runtime on the CPU), else the policy's (``TOKSERVE_BATCH_INVARIANT``: one row per call)."""
+    return 0 if runtime.batch_invariant else policy.invariant_rows
+
+
 class BatchLoop:
     """Serves ``encode:<tokenizer>`` or ``decode:<tokenizer>``."""
 
@@ -65,7 +71,8 @@ class BatchLoop:
         self.device = device
         self.policy = policy
         self.metrics = metrics
-        self._fn = row_chunked(runtime.encode if op == "encode" else runtime.decode, policy.invariant_rows)
+        self._fn = row_chunked(runtime.encode if op == "encode" else runtime.decode,
+                               invariant_rows(policy, runtime))
         self._out = "tokens" if op == "encode" else "images"
         self._tokens_per_row = runtime.spec.tokens_per_image
 
@@ -134,8 +141,8 @@ class GenerateLoop:
         self._samplers: dict[str, StepSampler] = {}
         model = runtime.sampler_model
         if runtime.denoiser:  # SiT / DiT: model_fn(x, t, y), all (N, ...); MAR / MaskGIT / VAR are not covered
-            model = row_chunked(model, policy.invariant_rows)
-        self._tokenizer_decode = row_chunked(tokenizer.decode, policy.invariant_rows)
+            model = row_chunked(model, invariant_rows(policy, runtime))
+        self._tokenizer_decode = row_chunked(tokenizer.decode, invariant_rows(policy, tokenizer))
         self.scheduler = GenerationScheduler(self._sampler, model, runtime.spec.token_shape,
                                              policy.max_rows, clock=clock)
 

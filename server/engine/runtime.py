@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from models.latent_norm import denormalize_latents
-from models.runtime import ModelRunner
+from models.runtime import ModelRunner, batch_invariant_runner
 from server.engine.specs import ModelSpec
 from server.settings import Settings
 
@@ -92,7 +92,7 @@ class Runtime:
     ``backend``: ``auto``, ``torch``, ``torch-compile``, ``torchscript``, ``onnx``) and the module itself.
     Exported backends are exported from ``module`` with a parity check, so results agree with eager torch
     within its tolerance; a reduced ``dtype`` (bf16 / fp16, CPU included) within the reduced-precision one.
-    ``exact`` keeps ``auto`` on eager PyTorch on the CPU (exact attention, batch-invariant serving)."""
+    ``exact`` keeps ``auto`` on eager PyTorch on the CPU (exact attention)."""
 
     def __init__(self, spec: ModelSpec, module: nn.Module, device: torch.device, dtype: torch.dtype,
                  backend: str = "auto", export_dir: str | None = None, *, exact: bool = False,
@@ -128,6 +128,14 @@ class Runtime:
     @property
     def ready(self) -> bool:
         return all(r.ready for r in self.runners.values())
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether every part of this model runs on a batch-invariant runner (ONNX Runtime on the CPU:
+        :func:`models.runtime.batch_invariant_runner`), so a row's result never depends on its batch-mates
+        without per-row calls. Models served by PyTorch (or on CUDA) are not, unless
+        ``TOKSERVE_BATCH_INVARIANT`` runs them one row per call."""
+        return bool(self.runners) and all(batch_invariant_runner(r) for r in self.runners.values())
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
         # to the device only: the runner casts each input to its part's dtype (a diffusion time stays float32)
@@ -281,7 +289,7 @@ def build_runtimes(specs: list[ModelSpec], settings: Settings) -> dict[str, Runt
     from export.runtime import parse_runtime_setting
 
     choice = parse_runtime_setting(settings.runtime)
-    exact = settings.attention == "exact" or settings.batch_invariant
+    exact = settings.attention == "exact"
     out: dict[str, Runtime] = {}
     for spec in specs:
         module = load_module(spec, settings)

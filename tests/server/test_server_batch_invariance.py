@@ -1,7 +1,8 @@
 """Batch invariance over HTTP with the shipped default models (weights/default tokenizer + generator) on the
-CPU with ``TOKSERVE_BATCH_INVARIANT=true`` (off by default: it costs throughput): the same seeded generations sent
-one by one and concurrently (really sharing denoising steps) give byte-identical PNGs, and the tokens of 32
-images encoded in one request equal those of the same images encoded one per request."""
+CPU with the default settings (``TOKSERVE_RUNTIME=auto``: ONNX Runtime, batch-invariant by construction, no
+per-row calls): the same seeded generations sent one by one and concurrently (really sharing denoising steps)
+give byte-identical PNGs, and the tokens of 32 images encoded in one request equal those of the same images
+encoded one per request."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ NPY = "application/x-npy"
 def server(tmp_path_factory: pytest.TempPathFactory):
     s: RunningServer = start_server(tmp_path_factory.mktemp("inv"), {
         "TOKSERVE_MODELS": SHIPPED, "TOKSERVE_MAX_BATCH_SIZE": "32", "TOKSERVE_MAX_WAIT_MS": "50",
-        "TOKSERVE_DEVICE": "cpu", "TOKSERVE_BATCH_INVARIANT": "true"})
+        "TOKSERVE_DEVICE": "cpu"})
     yield s
     s.stop()
 
