@@ -184,6 +184,7 @@ def _eval_tokenizer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="tiny-val")
     p.add_argument("--n", type=int, default=10000)
     p.add_argument("--no-fid", action="store_true", help="skip rFID (Inception is the slow part on a CPU)")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (e.g. rFID alone after a --no-fid run)")
     _eval_common_args(p)
 
 

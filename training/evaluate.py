@@ -111,7 +111,9 @@ def emit(result: dict, out: str | None) -> int:
 
 
 def eval_tokenizer(model: nn.Module, *, data: str = "tiny-val", n: int = 10000, batch_size: int = 50,
-                   cache_dir: str | Path = "runs/cache", fid: bool = True, lpips_net: str = "vgg16") -> dict:
+                   cache_dir: str | Path = "runs/cache", fid: bool = True, lpips_net: str | None = "vgg16") -> dict:
+    """PSNR / SSIM of ``model``'s reconstructions of ``n`` images of ``data``, LPIPS (``lpips_net``; None skips
+    it) and rFID against the same images (``fid``)."""
     t0 = time.time()
     size = image_size_of(model)
     inception = InceptionFeatures() if fid else None
@@ -121,21 +123,21 @@ def eval_tokenizer(model: nn.Module, *, data: str = "tiny-val", n: int = 10000, 
         real, real_f = load_images(data, size, max_images=n), None
     codes: list[torch.Tensor] = []
     rec = reconstruct(model, real.images, batch_size, codes, desc="reconstructing")
-    lp = LPIPS(lpips_net)
-    lpips_parts = []
-    with torch.no_grad(), progress(total=len(real), desc=f"LPIPS ({lpips_net})") as bar:
-        for i in range(0, len(real), batch_size):
-            lpips_parts.append(lp(to_float(real.images[i : i + batch_size]), to_float(rec[i : i + batch_size])))
-            bar.update(len(lpips_parts[-1]))
-    lpips_vals = torch.cat(lpips_parts)
-    result = {
+    result: dict = {
         "n": len(real),
         "image_size": size,
         "psnr": float(psnr(real.images, rec).mean()),
         "psnr_pooled": float(10 * torch.log10(255.0**2 / (real.images.double() - rec.double()).pow(2).mean())),
         "ssim": float(ssim(real.images, rec).mean()),
-        f"lpips_{lpips_net}": float(lpips_vals.mean()),
     }
+    if lpips_net:
+        lp = LPIPS(lpips_net)
+        lpips_parts = []
+        with torch.no_grad(), progress(total=len(real), desc=f"LPIPS ({lpips_net})") as bar:
+            for i in range(0, len(real), batch_size):
+                lpips_parts.append(lp(to_float(real.images[i : i + batch_size]), to_float(rec[i : i + batch_size])))
+                bar.update(len(lpips_parts[-1]))
+        result[f"lpips_{lpips_net}"] = float(torch.cat(lpips_parts).mean())
     if codes and hasattr(model.config, "codebook_size"):
         result["codebook_usage"] = codebook_usage(torch.cat(codes), int(model.config.codebook_size))
     if inception is not None:
@@ -290,7 +292,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "eval-tokenizer":
         model = load_tokenizer(args.model, args.taef2_weights)
         res = eval_tokenizer(model, data=args.data, n=args.n, batch_size=args.batch_size, cache_dir=args.cache,
-                             fid=not args.no_fid)
+                             fid=not args.no_fid, lpips_net=None if args.no_lpips else "vgg16")
         return emit({"model": args.model, **res}, args.out)
     if args.command == "eval-generator":
         res = eval_generator(args.model, tokenizer=args.tokenizer, per_class=args.per_class,

@@ -207,7 +207,7 @@ def _sit(tokens: int, dim: int, tokenizer: str, tokenizer_ref: str, out: str) ->
 def sit_softvq_taef2() -> GeneratorTrainConfig:
     """SiT (width 256, depth 6, ~5.9 M parameters) with REPA on the 32 tokens of softvq-taef2-32x64-skip, all
     100k Tiny ImageNet train images and their mirrors (feature cache), 200 classes."""
-    return _sit(32, 64, "runs/softvq-taef2-32x64-skip/export", "default-tokenizer", "runs/sit-softvq-taef2")
+    return _sit(32, 64, "weights/wip/softvq-taef2-32x64-skip/export", "default-tokenizer", "runs/sit-softvq-taef2")
 
 
 def sit_taef2_64() -> GeneratorTrainConfig:

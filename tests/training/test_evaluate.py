@@ -20,6 +20,10 @@ def test_eval_tokenizer_taef2_without_fid(tmp_path, capsys) -> None:
     res = json.loads(out.read_text())
     assert res["n"] == 32 and res["psnr"] > 20 and 0.5 < res["ssim"] < 1 and 0 < res["lpips_vgg16"] < 0.3
     assert json.loads(capsys.readouterr().out)["psnr"] == res["psnr"]
+    # --no-lpips: the same reconstructions' PSNR, no LPIPS (rFID alone after a --no-fid run)
+    assert main(["eval-tokenizer", "--model", "taef2", "--n", "32", "--no-fid", "--no-lpips", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["psnr"] == res["psnr"] and "lpips_vgg16" not in again
 
 
 def test_latent_stats_and_generator_eval(tmp_path) -> None:
