@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from test_runtime_torch import _Tokenizer  # the encoder + decoder runner pair, as the CPU tests build it
 
 import models
 from bench.common import enliven_
@@ -16,24 +15,6 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DEV = torch.device("cuda")
-
-
-class _Tokenizer:
-    """A tokenizer's encoder and decoder runners over one prepared module (as the server builds them)."""
-
-    def __init__(self, tok: torch.nn.Module, device: object, cfg: RunnerConfig, copy_module: bool = False) -> None:
-        self.module = copy.deepcopy(tok) if copy_module else tok
-        self.encoder = torch_runner(self.module, "encoder", device, cfg)
-        self.decoder = torch_runner(self.module, "decoder", device, cfg)
-        self.encode, self.decode = self.encoder, self.decoder
-
-    def warmup(self) -> None:
-        self.encoder.warmup()
-        self.decoder.warmup()
-
-    @property
-    def ready(self) -> bool:
-        return self.encoder.ready and self.decoder.ready
 
 
 def _sit() -> torch.nn.Module:

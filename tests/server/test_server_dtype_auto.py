@@ -5,45 +5,23 @@
   3.9e-3 per rounding); through a model's dozens of roundings the error grows to about 1e-2 relative (the
   runner tests' bound is 3e-2), and 4 sampler steps compound it.
 * auto through the engine's own loading (``build_runtimes``) on the shipped defaults: it picks ONNX Runtime
-  where the recorded CPU table says (TAEF2 encode / decode; the SiT denoiser below batch 32), eager PyTorch
-  elsewhere and whenever exact attention or batch-invariant serving is asked, and agrees with eager PyTorch
+  where the recorded CPU table says (TAEF2 encode / decode and the SiT denoiser, every batch size), eager
+  PyTorch elsewhere and whenever exact attention is asked, and agrees with eager PyTorch
   within the export parity tolerance (1e-4 relative per call).
 """
 
 from __future__ import annotations
-
-import io
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from server_testkit import REPO, real_jpegs, start_server
+from test_server_runtimes import _calls  # encode, decode, one seeded generation, /v1/models runtimes
 
 NPY = "application/x-npy"
 BF16_TOL = {"tokens": 3e-2, "images": 3e-2, "latents": 5e-2}  # ||out - ref|| / ||ref||
 PARITY_TOL = 1e-4  # max |out - ref| / max |ref|, the export parity tolerance
-
-
-def _npy(r: httpx.Response) -> np.ndarray:
-    assert r.status_code == 200, r.text
-    return np.load(io.BytesIO(r.content))
-
-
-def _calls(url: str, jpegs: list[bytes]) -> dict[str, object]:
-    with httpx.Client(base_url=url, timeout=120.0) as c:
-        tokens = np.concatenate([_npy(c.post("/v1/encode", content=j, headers={"content-type": "image/jpeg",
-                                                                                "accept": NPY})) for j in jpegs])
-        buf = io.BytesIO()
-        np.save(buf, tokens)
-        images = _npy(c.post("/v1/decode?format=npy", content=buf.getvalue(), headers={"content-type": NPY}))
-        gen = c.post("/v1/generate", json={"class": 207, "seed": 3, "steps": 4, "cfg_scale": 2.0,
-                                           "return_latents": True})
-        assert gen.status_code == 200, gen.text
-        body = gen.json()
-        latents = np.asarray(body["latents"]["data"], dtype=np.float32).reshape(body["latents"]["shape"])
-        runtimes = {m["name"]: m["runtime"] for m in c.get("/v1/models").json()["models"]}
-    return {"tokens": tokens, "images": images, "latents": latents, "runtimes": runtimes}
 
 
 def _rel(out: np.ndarray, ref: np.ndarray) -> float:

@@ -20,9 +20,12 @@ def _npy(r: httpx.Response) -> np.ndarray:
     return np.load(io.BytesIO(r.content))
 
 
-def _calls(url: str, jpeg: bytes) -> dict[str, np.ndarray]:
+def _calls(url: str, jpegs: list[bytes]) -> dict[str, np.ndarray]:
+    """Encode ``jpegs`` one request each, decode their tokens, one seeded generation (latents), and the
+    runtimes ``/v1/models`` reports."""
     with httpx.Client(base_url=url, timeout=120.0) as c:
-        tokens = _npy(c.post("/v1/encode", content=jpeg, headers={"content-type": "image/jpeg", "accept": NPY}))
+        tokens = np.concatenate([_npy(c.post("/v1/encode", content=j, headers={"content-type": "image/jpeg",
+                                                                                "accept": NPY})) for j in jpegs])
         buf = io.BytesIO()
         np.save(buf, tokens)
         images = _npy(c.post("/v1/decode?format=npy", content=buf.getvalue(), headers={"content-type": NPY}))
@@ -53,7 +56,7 @@ def stack(request: pytest.FixtureRequest) -> dict[str, str]:
 def reference(tmp_path_factory: pytest.TempPathFactory, jpeg: bytes, stack: dict[str, str]) -> dict[str, np.ndarray]:
     server = start_server(tmp_path_factory.mktemp("rt-torch"), {**stack, "TOKSERVE_RUNTIME": "torch"})
     try:
-        return _calls(server.url, jpeg)
+        return _calls(server.url, [jpeg])
     finally:
         server.stop()
 
@@ -70,7 +73,7 @@ def runtime_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
 
 def test_runtime_serves_the_same_results(runtime_server: RunningServer, reference: dict, jpeg: bytes) -> None:
-    got = _calls(runtime_server.url, jpeg)
+    got = _calls(runtime_server.url, [jpeg])
     kind = runtime_server.kind  # type: ignore[attr-defined]
     if kind == "auto":  # the CPU table: ONNX Runtime for the shipped TAEF2 and SiT (every batch size), else eager
         shipped = "default-tokenizer" in got["runtimes"]
